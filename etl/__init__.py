@@ -1,0 +1,1 @@
+"""commubo-etl: sync commubo connect call history into a PostgreSQL warehouse."""

@@ -1,0 +1,312 @@
+"""Settings: defaults < config file < environment < command-line options (SPEC section 2).
+
+Built once into a frozen `Settings`; secrets are held in `Secret`, whose repr and str mask them,
+and the database URL is a SQLAlchemy `URL`, whose repr hides the password.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG_FILE = "etl.toml"
+DEFAULT_DATABASE_URL = "sqlite:///commubo.db"
+
+
+class Secret:
+    """A string that never shows itself by accident: repr, str and format all print a mask."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    base_url: str | None = None
+    tenant_id: str | None = None
+    access_token: Secret | None = None
+    database_url: URL = field(default_factory=lambda: make_url(DEFAULT_DATABASE_URL))
+    concurrency: int = 8
+    timeout_s: float = 30.0
+    max_attempts: int = 5
+    max_requests_per_s: float = 0.0
+    batch_size: int = 500
+    # Not in SPEC's table, documented in config.example.toml: retry pacing and TLS.
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    retry_after_cap_s: float = 120.0
+    verify_tls: bool = True
+    config_file: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as plain values for display, secrets masked."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "database_url":
+                value = display_url(value)
+            elif isinstance(value, Secret):
+                value = "***"
+            out[f.name] = value
+        return out
+
+
+# TOML key -> (settings field, parser). Every key is documented in config.example.toml.
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError("expected a string")
+    return v
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, bool):
+        raise ValueError("expected an integer")
+    if isinstance(v, str):
+        v = v.strip()
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise ValueError("expected an integer") from None
+
+
+def _float(v: Any) -> float:
+    if isinstance(v, bool):
+        raise ValueError("expected a number")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number") from None
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return v.strip().lower() in ("1", "true", "yes", "on")
+    raise ValueError("expected true or false")
+
+
+TOML_KEYS: dict[str, tuple[str, Any]] = {
+    "api.base_url": ("base_url", _str),
+    "api.tenant_id": ("tenant_id", _str),
+    "api.access_token": ("access_token", _str),
+    "api.concurrency": ("concurrency", _int),
+    "api.timeout_s": ("timeout_s", _float),
+    "api.max_attempts": ("max_attempts", _int),
+    "api.max_requests_per_s": ("max_requests_per_s", _float),
+    "api.backoff_s": ("backoff_s", _float),
+    "api.max_backoff_s": ("max_backoff_s", _float),
+    "api.retry_after_cap_s": ("retry_after_cap_s", _float),
+    "api.verify_tls": ("verify_tls", _bool),
+    "database.url": ("database_url", _str),
+    "sync.batch_size": ("batch_size", _int),
+}
+
+ENV_KEYS: dict[str, str] = {
+    "COMMUBO_BASE_URL": "base_url",
+    "COMMUBO_TENANT_ID": "tenant_id",
+    "COMMUBO_ACCESS_TOKEN": "access_token",
+    "ETL_DATABASE_URL": "database_url",
+}
+
+_PARSERS = {name: parser for name, parser in TOML_KEYS.values()}
+
+
+def load_settings(
+    config_file: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build Settings from defaults, the config file, the environment and `overrides` (option
+    values; None means "not given"). Raises ConfigError with one clear line."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+
+    path = config_file or env.get("ETL_CONFIG") or None
+    explicit = path is not None
+    if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
+        path = DEFAULT_CONFIG_FILE
+    if path is not None:
+        raw.update(_read_toml(path, explicit))
+
+    for var, name in ENV_KEYS.items():
+        value = env.get(var)
+        if value:  # an empty variable counts as unset, as in most shells' `VAR= cmd`
+            raw[name] = value
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            raw[name] = value
+
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        try:
+            values[name] = _PARSERS[name](value)
+        except ValueError as exc:
+            raise ConfigError(f"setting {name}: {exc}") from None
+    return validate(Settings(config_file=path, **_finish(values)))
+
+
+def _read_toml(path: str, explicit: bool) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    out: dict[str, Any] = {}
+    for section, table in doc.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"config file {path}: {section} must be a table ([{section}])")
+        for key, value in table.items():
+            dotted = f"{section}.{key}"
+            if dotted not in TOML_KEYS:
+                known = ", ".join(sorted(TOML_KEYS))
+                raise ConfigError(f"config file {path}: unknown key {dotted} (known: {known})")
+            name, parser = TOML_KEYS[dotted]
+            try:
+                out[name] = parser(value)
+            except ValueError as exc:
+                raise ConfigError(f"config file {path}: {dotted}: {exc}") from None
+    return out
+
+
+def _finish(values: dict[str, Any]) -> dict[str, Any]:
+    if "access_token" in values:
+        values["access_token"] = Secret(values["access_token"])
+    if "base_url" in values:
+        values["base_url"] = normalize_base_url(values["base_url"])
+    if "database_url" in values:
+        values["database_url"] = normalize_database_url(values["database_url"])
+    return values
+
+
+def normalize_base_url(url: str) -> str:
+    """Check an API base URL and drop a trailing slash. Refuses what requests would fail on
+    later, such as the vendor documentation's port 65536."""
+    url = url.strip()
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for ports outside 0..65535
+    except ValueError as exc:
+        raise ConfigError(f"API base URL {_mask_userinfo(url)!r} is invalid: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(
+            f"API base URL {_mask_userinfo(url)!r} must start with http:// or https://"
+        )
+    if not parts.hostname:
+        raise ConfigError(f"API base URL {_mask_userinfo(url)!r} has no host name")
+    if port == 0:
+        raise ConfigError(f"API base URL {_mask_userinfo(url)!r} has port 0")
+    if parts.query or parts.fragment:
+        raise ConfigError(
+            f"API base URL {_mask_userinfo(url)!r} must not have a query or fragment: "
+            "give the part before /v1/calls/..."
+        )
+    if parts.username or parts.password:
+        raise ConfigError("API base URL must not carry credentials: use COMMUBO_ACCESS_TOKEN")
+    return url.rstrip("/")
+
+
+def _mask_userinfo(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
+
+
+def normalize_database_url(url: str | URL) -> URL:
+    """A SQLAlchemy URL; bare postgres:// and postgresql:// go to psycopg 3."""
+    try:
+        parsed = make_url(url) if isinstance(url, str) else url
+    except (ArgumentError, ValueError):
+        # make_url's message repeats the URL, password included: say it without the URL.
+        raise ConfigError(
+            "database URL is not a valid SQLAlchemy URL "
+            "(examples: sqlite:///commubo.db, postgresql://user:pass@host:5432/db)"
+        ) from None
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    elif parsed.drivername.startswith("postgres+"):
+        parsed = parsed.set(drivername="postgresql+" + parsed.drivername.split("+", 1)[1])
+    return parsed
+
+
+def display_url(url: URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+def validate(s: Settings) -> Settings:
+    checks = [
+        (s.concurrency >= 1, f"concurrency must be at least 1, got {s.concurrency}"),
+        (s.concurrency <= 1024, f"concurrency must be at most 1024, got {s.concurrency}"),
+        (s.timeout_s > 0, f"api.timeout_s must be positive, got {s.timeout_s}"),
+        (s.max_attempts >= 1, f"api.max_attempts must be at least 1, got {s.max_attempts}"),
+        (s.max_requests_per_s >= 0, f"max requests per second must be >= 0, got "
+         f"{s.max_requests_per_s}"),
+        (s.batch_size >= 1, f"batch size must be at least 1, got {s.batch_size}"),
+        (s.backoff_s >= 0, f"api.backoff_s must be >= 0, got {s.backoff_s}"),
+        (s.max_backoff_s >= 0, f"api.max_backoff_s must be >= 0, got {s.max_backoff_s}"),
+        (s.retry_after_cap_s >= 0, f"api.retry_after_cap_s must be >= 0, got "
+         f"{s.retry_after_cap_s}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    backend = s.database_url.get_backend_name()
+    if backend not in ("postgresql", "sqlite"):
+        raise ConfigError(f"database {backend!r} is not supported: use postgresql or sqlite")
+    return s
+
+
+def require_api(s: Settings) -> None:
+    """What `sync` needs beyond the defaults; checked before any request."""
+    missing = [
+        label
+        for label, value in (
+            ("base URL (--base-url, COMMUBO_BASE_URL or api.base_url)", s.base_url),
+            ("tenant id (COMMUBO_TENANT_ID or api.tenant_id)", s.tenant_id),
+            ("access token (COMMUBO_ACCESS_TOKEN or api.access_token)", s.access_token),
+        )
+        if not value
+    ]
+    if missing:
+        raise ConfigError("missing " + "; ".join(missing))
+
+
+def with_overrides(s: Settings, **changes: Any) -> Settings:
+    """A copy with some values changed, validated like the original (for the library API)."""
+    return validate(replace(s, **_finish(dict(changes))))

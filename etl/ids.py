@@ -1,0 +1,85 @@
+"""Reading, validating and sharding call ids (SPEC section 3, `etl sync --ids-file`)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import InputError
+
+CALL_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# How many offending line numbers an error message names before it says "and N more".
+_MAX_LINES_NAMED = 10
+
+
+def is_valid_call_id(call_id: str) -> bool:
+    return CALL_ID_RE.fullmatch(call_id) is not None
+
+
+def parse_ids(lines: Iterable[str], source: str = "<ids>") -> list[str]:
+    """Call ids from lines: trimmed, blanks and `#` comments skipped, duplicates dropped (first
+    occurrence keeps its place). Every invalid line is collected so one error names them all."""
+    seen: dict[str, None] = {}
+    bad: list[int] = []
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if number == 1:
+            text = text.lstrip("\ufeff").strip()  # a BOM left by Windows editors
+        if not text or text.startswith("#"):
+            continue
+        if CALL_ID_RE.fullmatch(text) is None:
+            bad.append(number)
+            continue
+        seen.setdefault(text, None)
+    if bad:
+        named = ", ".join(str(n) for n in bad[:_MAX_LINES_NAMED])
+        more = f" and {len(bad) - _MAX_LINES_NAMED} more" if len(bad) > _MAX_LINES_NAMED else ""
+        raise InputError(
+            f"{source}: invalid call id on line{'s' if len(bad) > 1 else ''} {named}{more} "
+            "(a call id is 1 to 64 characters of A-Z a-z 0-9 _ -)"
+        )
+    return list(seen)
+
+
+def read_ids(path: str) -> list[str]:
+    """Read an ids file (`-` for standard input). Undecodable bytes are an input error."""
+    if path == "-":
+        data = sys.stdin.buffer.read()
+        source = "<stdin>"
+    else:
+        source = path
+        p = Path(path)
+        try:
+            data = p.read_bytes()
+        except IsADirectoryError:
+            raise InputError(f"{source}: is a directory, expected a file of call ids") from None
+        except FileNotFoundError:
+            raise InputError(f"{source}: no such file") from None
+        except OSError as exc:
+            raise InputError(f"{source}: cannot read ({exc.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InputError(f"{source}: line {line} is not UTF-8 text") from None
+    return parse_ids(text.splitlines(), source)
+
+
+def shard_of(call_id: str, num_shards: int) -> int:
+    """Stable shard number of an id: the same on every machine and Python process
+    (Python's own hash() is salted per process, so it cannot split work between processes)."""
+    digest = hashlib.blake2b(call_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % num_shards
+
+
+def select_shard(ids: list[str], shard_index: int, num_shards: int) -> list[str]:
+    if num_shards < 1:
+        raise InputError(f"--num-shards must be at least 1, got {num_shards}")
+    if not 0 <= shard_index < num_shards:
+        raise InputError(f"--shard-index must be in 0..{num_shards - 1}, got {shard_index}")
+    if num_shards == 1:
+        return ids
+    return [i for i in ids if shard_of(i, num_shards) == shard_index]

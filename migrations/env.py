@@ -1,0 +1,42 @@
+"""Alembic environment: the application's metadata is the target; a connection handed in by
+`etl.db` is used as is, otherwise one is made from etl's own settings (so `alembic upgrade head`
+from a checkout reads the same configuration as `etl db upgrade`)."""
+
+from __future__ import annotations
+
+from alembic import context
+
+from etl.schema import metadata
+
+config = context.config
+
+
+def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _run(connection)
+        return
+    from etl.config import load_settings
+    from etl.db import make_engine
+
+    url = config.get_main_option("sqlalchemy.url") or load_settings().database_url
+    engine = make_engine(url if not isinstance(url, str) else load_settings(
+        overrides={"database_url": url}).database_url)
+    with engine.begin() as conn:
+        _run(conn)
+
+
+def _run(connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        render_as_batch=connection.dialect.name == "sqlite",  # SQLite cannot ALTER most things
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+if context.is_offline_mode():
+    raise SystemExit("offline (--sql) migrations are not supported: run `etl db upgrade`")
+run_migrations_online()
