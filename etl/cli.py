@@ -1,0 +1,327 @@
+"""The `etl` command: a thin click shell over the library (SPEC section 3).
+
+Options are parsed here, the work is done by `etl.sync`, `etl.db` and `etl.runs`, and every
+`EtlError` is mapped to one line on stderr and its exit code in `main`, nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import click
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+
+from . import db, runs
+from .config import Settings, display_url, load_settings
+from .errors import DatabaseError, EtlError, InputError
+from .ids import read_ids, select_shard
+
+log = logging.getLogger("etl")
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose < 2:
+        for noisy in ("urllib3", "alembic.runtime.migration"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _settings(ctx: click.Context, **overrides: Any) -> Settings:
+    return load_settings(ctx.obj.get("config"), overrides)
+
+
+def config_option(f: Callable) -> Callable:
+    return click.option("--config", "config", type=click.Path(dir_okay=False),
+                        help="TOML config file (default: $ETL_CONFIG, else ./etl.toml if present)."
+                        )(f)
+
+
+def db_url_option(f: Callable) -> Callable:
+    return click.option("--db-url", help="SQLAlchemy database URL (env ETL_DATABASE_URL).")(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+@click.version_option(package_name="commubo-etl")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Sync commubo connect call history into a PostgreSQL (or SQLite) warehouse."""
+    _setup_logging(verbose, quiet)
+    ctx.ensure_object(dict)
+
+
+@cli.command()
+@click.option("--ids-file", type=str, metavar="PATH",
+              help="Call ids, one per line; - for standard input.")
+@config_option
+@db_url_option
+@click.option("--base-url", help="API base URL, the part before /v1/calls/ (env COMMUBO_BASE_URL).")
+@click.option("--concurrency", type=click.IntRange(min=1), help="Concurrent requests (default 8).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Rows per load transaction "
+              "(default 500).")
+@click.option("--max-rps", type=click.FloatRange(min=0), help="Request rate cap per second "
+              "(0 = none).")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as one JSON object.")
+@click.option("--skip-loaded", is_flag=True, help="Do not fetch ids whose last status is loaded.")
+@click.option("--retry-failed", is_flag=True, help="Also fetch every id whose last status is "
+              "failed.")
+@click.option("--no-migrate", is_flag=True, help="Do not upgrade the schema first; fail if it "
+              "is not current.")
+@click.option("--shard-index", type=int, default=0, show_default=True,
+              help="Which shard of the ids to sync.")
+@click.option("--num-shards", type=int, default=1, show_default=True,
+              help="How many shards the ids are split into (by a stable hash of the id).")
+@click.pass_context
+def sync(ctx: click.Context, ids_file: str | None, config: str | None, db_url: str | None,
+         base_url: str | None, concurrency: int | None, batch_size: int | None,
+         max_rps: float | None, as_json: bool, skip_loaded: bool, retry_failed: bool,
+         no_migrate: bool, shard_index: int, num_shards: int) -> None:
+    """Fetch the calls of an ids file and upsert them into the warehouse."""
+    from .progress import for_stream
+    from .sync import run_sync
+
+    ctx.obj["config"] = config
+    settings = _settings(ctx, database_url=db_url, base_url=base_url, concurrency=concurrency,
+                         batch_size=batch_size, max_requests_per_s=max_rps)
+    if ids_file is None and not retry_failed:
+        raise InputError("give --ids-file PATH (or - for standard input), or --retry-failed")
+    ids = read_ids(ids_file) if ids_file is not None else []
+    ids = select_shard(ids, shard_index, num_shards)
+    try:
+        summary = run_sync(settings, ids, skip_loaded=skip_loaded, retry_failed=retry_failed,
+                           migrate=not no_migrate, progress=for_stream())
+    except EtlError as exc:
+        partial = getattr(exc, "summary", None)
+        if partial is not None:
+            _print_summary(partial, as_json)
+        raise
+    _print_summary(summary, as_json)
+    ctx.exit(summary.exit_code)
+
+
+def _print_summary(summary, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(summary.to_dict()))
+        return
+    click.echo(
+        f"run {summary.run_id} {summary.status}: {summary.requested} requested, "
+        f"{summary.loaded} loaded, {summary.not_found} not found, {summary.failed} failed, "
+        f"{summary.skipped} skipped in {summary.duration_s:.1f}s ({summary.calls_per_s:.0f} "
+        "calls/s)"
+    )
+    if summary.failed:
+        click.echo(f"see the failed ids: etl failures --run {summary.run_id}")
+
+
+@cli.group(name="db")
+def db_group() -> None:
+    """Manage the warehouse schema (Alembic migrations)."""
+
+
+@db_group.command("upgrade")
+@config_option
+@db_url_option
+@click.pass_context
+def db_upgrade(ctx: click.Context, config: str | None, db_url: str | None) -> None:
+    """Upgrade the schema to the newest migration."""
+    ctx.obj["config"] = config
+    settings = _settings(ctx, database_url=db_url)
+    engine = db.make_engine(settings.database_url)
+    try:
+        before, after = db.upgrade(engine)
+    finally:
+        engine.dispose()
+    where = display_url(settings.database_url)
+    if before == after:
+        click.echo(f"{where}: already at {after}")
+    else:
+        click.echo(f"{where}: upgraded {before or '(empty)'} -> {after}")
+
+
+@db_group.command("current")
+@config_option
+@db_url_option
+@click.pass_context
+def db_current(ctx: click.Context, config: str | None, db_url: str | None) -> None:
+    """Show the schema revision of the database and whether it is the newest."""
+    ctx.obj["config"] = config
+    settings = _settings(ctx, database_url=db_url)
+    engine = db.make_engine(settings.database_url)
+    try:
+        with db.connect(engine) as conn:
+            current = db.current_revision(conn)
+    finally:
+        engine.dispose()
+    head = db.head_revision()
+    state = "(head)" if current == head else f"(newest is {head}: run etl db upgrade)"
+    click.echo(f"{current or '(none)'} {state}")
+
+
+def _query_engine(ctx: click.Context, config: str | None, db_url: str | None) -> Engine:
+    """An engine for read-only commands, checked to hold etl's schema."""
+    ctx.obj["config"] = config
+    settings = _settings(ctx, database_url=db_url)
+    engine = db.make_engine(settings.database_url)
+    with db.connect(engine) as conn:
+        if db.current_revision(conn) is None:
+            engine.dispose()
+            raise DatabaseError(f"{display_url(settings.database_url)} has no etl schema yet: "
+                                "run etl db upgrade or etl sync first")
+    return engine
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    cells = [[_fmt(r[c]) for c in columns] for r in rows]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _json_rows(rows: list[dict[str, Any]]) -> None:
+    click.echo(json.dumps(rows, default=lambda v: v.isoformat() if isinstance(v, datetime)
+                          else str(v)))
+
+
+@cli.command(name="runs")
+@config_option
+@db_url_option
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as a JSON array.")
+@click.pass_context
+def runs_cmd(ctx: click.Context, config: str | None, db_url: str | None, limit: int,
+             as_json: bool) -> None:
+    """Recent runs with their counts, newest first."""
+    engine = _query_engine(ctx, config, db_url)
+    try:
+        rows = runs.recent_runs(engine, limit)
+    finally:
+        engine.dispose()
+    if as_json:
+        _json_rows(rows)
+    elif rows:
+        _table(rows, ["run_id", "status", "started_at", "finished_at", "requested", "loaded",
+                      "not_found", "failed", "skipped"])
+    else:
+        click.echo("no runs yet")
+
+
+@cli.command()
+@config_option
+@db_url_option
+@click.option("--run", "run_id", help="Only the ids whose last attempt was in this run.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many rows.")
+@click.option("--json", "as_json", is_flag=True, help="Print the failures as a JSON array.")
+@click.pass_context
+def failures(ctx: click.Context, config: str | None, db_url: str | None, run_id: str | None,
+             limit: int | None, as_json: bool) -> None:
+    """Ids whose last status is failed, and why."""
+    engine = _query_engine(ctx, config, db_url)
+    try:
+        if run_id and not runs.run_exists(engine, run_id):
+            raise InputError(f"no run {run_id!r}: see etl runs")
+        rows = runs.failures(engine, run_id, limit)
+    finally:
+        engine.dispose()
+    if as_json:
+        _json_rows(rows)
+    elif rows:
+        _table(rows, ["call_id", "http_status", "attempts", "run_id", "error"])
+    else:
+        click.echo("no failed ids" + (f" in run {run_id}" if run_id else ""))
+
+
+@cli.command()
+@click.option("--port", type=click.IntRange(0, 65535), default=8089, show_default=True)
+@click.option("--latency-ms", type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option("--fault-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of requests answered with a fault (5xx, 429, reset, cut body).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data.")
+@click.option("--tenant-id", default=None, help="Tenant id the simulator accepts.")
+@click.option("--access-token", default=None, help="Access token the simulator accepts.")
+def simulate(port: int, latency_ms: float, fault_rate: float, seed: int,
+             tenant_id: str | None, access_token: str | None) -> None:
+    """Serve a simulated commubo API on 127.0.0.1 (for demos, tests and benchmarks)."""
+    from .simulator import DEFAULT_ACCESS_TOKEN, DEFAULT_TENANT_ID, Simulator
+
+    tenant_id = tenant_id or DEFAULT_TENANT_ID
+    access_token = access_token or DEFAULT_ACCESS_TOKEN
+    try:
+        sim = Simulator(port=port, latency_ms=latency_ms, fault_rate=fault_rate, seed=seed,
+                        tenant_id=tenant_id, access_token=access_token)
+    except OSError as exc:
+        raise InputError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
+    click.echo(f"simulated commubo API on {sim.url} (tenant id {tenant_id!r}, access token "
+               f"{access_token!r}); Ctrl-C stops", err=True)
+    click.echo(f"  COMMUBO_BASE_URL={sim.url} COMMUBO_TENANT_ID={tenant_id} "
+               f"COMMUBO_ACCESS_TOKEN={access_token} etl sync --ids-file ids.txt", err=True)
+    sim.serve_forever()
+
+
+@cli.command()
+@config_option
+@db_url_option
+@click.option("--calls", type=click.IntRange(min=1, max=1_000_000), default=500,
+              show_default=True, help="How many simulated calls to sync.")
+@click.pass_context
+def demo(ctx: click.Context, config: str | None, db_url: str | None, calls: int) -> None:
+    """Sync simulated calls into the configured database and show a first query."""
+    from .demo import run_demo
+
+    ctx.obj["config"] = config
+    settings = _settings(ctx, database_url=db_url)
+    run_demo(settings, calls, click.echo)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: every EtlError becomes one line on stderr and its exit code."""
+    try:
+        code = cli.main(args=argv, prog_name="etl", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except click.Abort:
+        click.echo("aborted", err=True)
+        code = 130
+    except EtlError as exc:
+        click.echo(f"etl: error: {exc}", err=True)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("etl: interrupted; what was committed stays committed", err=True)
+        code = 130
+    except DBAPIError as exc:
+        # Paths that expect database trouble raise DatabaseError; this is the safety net.
+        click.echo(f"etl: database error: {type(exc.orig).__name__}", err=True)
+        code = 3
+    except Exception as exc:
+        if os.environ.get("ETL_DEBUG"):
+            raise
+        # A bug, not a user error: one line (no traceback, which could carry secrets).
+        click.echo(f"etl: internal error: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                   " (set ETL_DEBUG=1 for a traceback)", err=True)
+        code = 70
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

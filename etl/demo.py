@@ -1,0 +1,59 @@
+"""`etl demo`: the whole job on a laptop in seconds, against the in-process simulator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from sqlalchemy import text
+
+from . import db
+from .config import Secret, Settings, display_url
+from .progress import for_stream
+from .simulator import DEFAULT_ACCESS_TOKEN, DEFAULT_TENANT_ID, Simulator
+from .sync import run_sync
+
+# An analyst's first question: who handles the calls, and how long do they talk?
+FIRST_QUERY = """\
+SELECT operator_name,
+       COUNT(*) AS calls,
+       SUM(CASE WHEN connected_date_time IS NOT NULL THEN 1 ELSE 0 END) AS connected,
+       ROUND(AVG(talk_time), 1) AS avg_talk_s
+FROM call_details
+WHERE operator_name IS NOT NULL
+GROUP BY operator_name
+ORDER BY calls DESC, operator_name
+LIMIT 5"""
+
+
+def run_demo(settings: Settings, calls: int, echo: Callable[[str], None]) -> None:
+    with Simulator(latency_ms=5, tenant_id=DEFAULT_TENANT_ID,
+                   access_token=DEFAULT_ACCESS_TOKEN) as sim:
+        settings = replace(settings, base_url=sim.url, tenant_id=DEFAULT_TENANT_ID,
+                           access_token=Secret(DEFAULT_ACCESS_TOKEN))
+        ids = [f"call-{n:06d}" for n in range(1, calls + 1)]
+        echo(f"syncing {calls} simulated calls from {sim.url} into "
+             f"{display_url(settings.database_url)}")
+        summary = run_sync(settings, ids, progress=for_stream())
+    echo(f"run {summary.run_id} {summary.status}: {summary.loaded} loaded, "
+         f"{summary.not_found} not found (the simulator's 404s), {summary.failed} failed, "
+         f"in {summary.duration_s:.1f}s")
+    engine = db.make_engine(settings.database_url)
+    try:
+        with engine.connect() as conn:
+            counts = {t: conn.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar_one()
+                      for t in ("calls", "customers", "customer_phone_numbers", "operators",
+                                "scenarios")}
+            rows = conn.execute(text(FIRST_QUERY)).all()
+    finally:
+        engine.dispose()
+    echo("rows now in the warehouse: " + ", ".join(f"{t} {n}" for t, n in counts.items()))
+    echo("")
+    echo("an analyst's first query:")
+    echo("  " + FIRST_QUERY.replace("\n", "\n  "))
+    echo("")
+    header = ("operator_name", "calls", "connected", "avg_talk_s")
+    cells = [header, *[tuple("-" if v is None else str(v) for v in row) for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for r in cells:
+        echo("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
