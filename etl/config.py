@@ -67,6 +67,12 @@ class Settings:
     verify_tls: bool = True
     config_file: str | None = None
 
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
+        return f"Settings({shown})"
+
+    __str__ = __repr__
+
     def describe(self) -> dict[str, Any]:
         """The settings as plain values for display, secrets masked."""
         out: dict[str, Any] = {}
@@ -90,6 +96,10 @@ def _str(v: Any) -> str:
 def _int(v: Any) -> int:
     if isinstance(v, bool):
         raise ValueError("expected an integer")
+    if isinstance(v, float):
+        if not v.is_integer():
+            raise ValueError(f"expected an integer, got {v}")
+        return int(v)
     if isinstance(v, str):
         v = v.strip()
     try:
@@ -110,8 +120,11 @@ def _float(v: Any) -> float:
 def _bool(v: Any) -> bool:
     if isinstance(v, bool):
         return v
-    if isinstance(v, str) and v.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return v.strip().lower() in ("1", "true", "yes", "on")
+    text = v.strip().lower() if isinstance(v, str) else None
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
     raise ValueError("expected true or false")
 
 
@@ -265,7 +278,14 @@ def normalize_database_url(url: str | URL) -> URL:
     return parsed
 
 
+_SECRET_QUERY_KEYS = frozenset({"password", "passwd", "sslpassword"})
+
+
 def display_url(url: URL) -> str:
+    """The URL for messages: the password masked, also where libpq takes it from the query."""
+    if any(k.lower() in _SECRET_QUERY_KEYS for k in url.query):
+        url = url.set(query={k: ("***" if k.lower() in _SECRET_QUERY_KEYS else v)
+                             for k, v in url.query.items()})
     return url.render_as_string(hide_password=True)
 
 

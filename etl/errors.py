@@ -1,10 +1,10 @@
-"""One exception hierarchy, each class carrying the exit code the CLI maps it to (SPEC section 3)."""
+"""One exception hierarchy; each class carries the exit code the CLI maps it to (SPEC section 3)."""
 
 from __future__ import annotations
 
 
 class EtlError(Exception):
-    """Root of every error a user can cause or must act on; the CLI prints its message in one line."""
+    """Root of every error a user can cause or must act on; the CLI prints it as one line."""
 
     exit_code = 1
 

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from urllib.parse import quote
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
@@ -118,6 +119,8 @@ class Extractor:
         self._queue: queue.Queue = queue.Queue(
             maxsize=queue_size or max(2 * settings.concurrency, settings.batch_size))
         self._fatal: BaseException | None = None
+        self._backoff = wait_exponential_jitter(
+            multiplier=settings.backoff_s, max=settings.max_backoff_s, jitter=settings.backoff_s)
         self._limiter = (RateLimiter(settings.max_requests_per_s)
                          if settings.max_requests_per_s > 0 else None)
         # One pool shared by every worker's session, as large as the concurrency, so each
@@ -130,6 +133,10 @@ class Extractor:
             settings.base_url, {}, None, settings.verify_tls, None)
         self._proxies = env["proxies"]
         self._verify = env["verify"]
+        if not settings.verify_tls:
+            log.warning("TLS certificate verification is OFF (api.verify_tls = false): "
+                        "use this for test endpoints only")
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
         self._headers = {
             "x-commubo-tenantId": settings.tenant_id or "",
             "x-commubo-accessToken": settings.access_token.get(),
@@ -240,10 +247,7 @@ class Extractor:
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None:
             return min(retry_after, self.settings.retry_after_cap_s)
-        return wait_exponential_jitter(
-            initial=self.settings.backoff_s, max=self.settings.max_backoff_s,
-            jitter=self.settings.backoff_s,
-        )(state)
+        return self._backoff(state)
 
     def _fetch_one(self, session: requests.Session, retrying: Retrying, call_id: str
                    ) -> Outcome:

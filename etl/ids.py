@@ -65,7 +65,9 @@ def read_ids(path: str) -> list[str]:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise InputError(f"{source}: line {line} is not UTF-8 text") from None
-    return parse_ids(text.splitlines(), source)
+    # Only "\n" ends a line: str.splitlines() would also split at U+2028, form feeds and
+    # the like, turning one invalid line into ids. "\r" of CRLF goes with the trimming.
+    return parse_ids(text.split("\n"), source)
 
 
 def shard_of(call_id: str, num_shards: int) -> int:

@@ -102,7 +102,10 @@ def to_instant(value: Any, key: str) -> datetime | None:
         raise PayloadError(f"{key}: not an ISO 8601 timestamp: {_short(value)}") from None
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 falls before year 1 in UTC
+        raise PayloadError(f"{key}: instant out of range: {_short(value)}") from None
 
 
 Converter = Callable[[Any, str], Any]

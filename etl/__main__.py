@@ -1,0 +1,5 @@
+"""`python -m etl` is the `etl` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,725 @@
+"""Local stand-in for the commubo connect API (``GET {base}/v1/calls/{callId}``).
+
+The real API is unreachable from development and CI, so every HTTP test, the demo and the
+benchmarks talk to this simulator instead.  It serves deterministic call objects that reproduce
+the vendor's documented quirks, and it can inject faults either at random (``fault_rate``) or
+on a fixed script chosen by the shape of the call id.
+
+Authentication
+--------------
+Every request must carry ``x-commubo-tenantId`` and ``x-commubo-accessToken`` equal to the
+simulator's ``tenant_id`` / ``access_token`` (defaults :data:`DEFAULT_TENANT_ID` /
+:data:`DEFAULT_ACCESS_TOKEN`); otherwise the answer is ``403``.  Auth is checked before any
+fault script.  Any path other than ``/v1/calls/{callId}`` (or a method other than GET) gets
+``404 {"error": "not found"}``.  The call id is URL-decoded (``%2F`` may appear inside it).
+
+Scripted ids
+------------
+The prefix of the id decides; the rest of the id is free text, so tests can make unique ids
+such as ``e503-2-test42``.
+
+``{kind}-{n}-{rest}``: the first ``n`` requests for that id fail with ``kind``, later requests
+get the normal payload (use a large ``n`` such as ``99`` for "always").  Kinds:
+
+=========  ==============================================================================
+``e500``   HTTP 500 with a small JSON error body
+``e502``   HTTP 502
+``e503``   HTTP 503
+``e429s``  HTTP 429 with ``Retry-After: <retry_after_s>`` (seconds)
+``e429d``  HTTP 429 with ``Retry-After`` as an HTTP date (now + ``retry_after_s``)
+``reset``  the request is read, then the TCP connection is reset (RST, no response at all)
+``cut``    status 200 and the full ``Content-Length``, but only the first half of the body
+           is sent before the connection closes (client sees an incomplete read)
+``slow``   the answer is delayed by ``slow_s`` seconds, then the normal payload is sent
+=========  ==============================================================================
+
+Fixed behaviour on every request:
+
+================  =========================================================================
+``nf-...``        404 (the call does not exist)
+``broken-...``    500 (a persistently broken id)
+``badjson-...``   200, ``Content-Type: application/json``, body ``<html>oops</html>``
+``wrongid-...``   200, valid payload whose ``callId`` is ``"other-" + call_id``
+``nocallid-...``  200, valid payload without ``callId``
+``array-...``     200, body ``[]``
+``poison-...``    200, normal payload but ``talkTime`` is ``"not-a-number"``
+``bigint-...``    200, normal payload but ``talkTime`` is ``2**40`` (outside int32)
+================  =========================================================================
+
+Scripted ids never take random faults and never hit the random 404s described below.
+:func:`payload_for` returns what a scripted id eventually serves (``None`` for ``nf-``,
+``broken-``, ``badjson-`` and ``array-``; the modified object for ``wrongid-``,
+``nocallid-``, ``poison-`` and ``bigint-``).
+
+Ordinary ids
+------------
+Any other id is "ordinary".  About 3% of ordinary ids (a stable hash of ``(seed, id)``) do not
+exist and answer 404 on every request.  With ``fault_rate > 0`` each request for an ordinary
+id fails with probability ``fault_rate``, decided by
+``random.Random(f"{seed}:{call_id}:{attempt}")`` where ``attempt`` is the number of earlier
+requests for that id; the fault kind is one of 500, 502, 503, 429 (seconds), 429 (date),
+reset and cut, chosen by the same generator.  Runs are therefore reproducible for a given order
+of attempts, and a retrying client eventually gets the payload.
+
+Per-id counters (:meth:`Simulator.requests_for`) count every request addressed to
+``/v1/calls/{callId}``, including ones rejected with 403.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import random
+import re
+import socket
+import struct
+import sys
+import threading
+import time
+from email.utils import formatdate
+from functools import lru_cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+__all__ = [
+    "DEFAULT_ACCESS_TOKEN",
+    "DEFAULT_TENANT_ID",
+    "Simulator",
+    "payload_for",
+]
+
+DEFAULT_TENANT_ID = "demo-tenant"
+DEFAULT_ACCESS_TOKEN = "demo-token"
+
+_CALLS_PREFIX = "/v1/calls/"
+
+# Share of ordinary ids that do not exist (404 on every request).
+_MISSING_PER_MILLE = 30
+
+_CUSTOMER_POOL = 500
+_OPERATOR_POOL = 40
+_SCENARIO_POOL = 12
+_SNAPSHOT_VERSIONS = 1000
+
+# Calls fall in Q1 2026; customers/operators are created well before, so even the newest
+# snapshot (created + 999 minutes) predates every call.
+_CALLS_START = 1767225600  # 2026-01-01T00:00:00Z
+_CALLS_SPAN_S = 90 * 86400
+_ENTITIES_START = 1704067200  # 2024-01-01T00:00:00Z
+_ENTITIES_SPAN_S = 600 * 86400
+_JST_OFFSET_S = 9 * 3600
+
+_SCRIPTED_RE = re.compile(r"^(e500|e502|e503|e429s|e429d|reset|cut|slow)-(\d+)(?:-|$)")
+_ALWAYS_PREFIXES = (
+    "nf",
+    "broken",
+    "badjson",
+    "wrongid",
+    "nocallid",
+    "array",
+    "poison",
+    "bigint",
+)
+_RANDOM_FAULTS = ("e500", "e502", "e503", "e429s", "e429d", "reset", "cut")
+
+_FAMILY = (
+    ("佐藤", "サトウ"),
+    ("鈴木", "スズキ"),
+    ("高橋", "タカハシ"),
+    ("田中", "タナカ"),
+    ("伊藤", "イトウ"),
+    ("渡辺", "ワタナベ"),
+    ("山本", "ヤマモト"),
+    ("中村", "ナカムラ"),
+    ("小林", "コバヤシ"),
+    ("加藤", "カトウ"),
+    ("吉田", "ヨシダ"),
+    ("山田", "ヤマダ"),
+)
+_PERSONAL = (
+    ("太郎", "タロウ"),
+    ("花子", "ハナコ"),
+    ("健太", "ケンタ"),
+    ("美咲", "ミサキ"),
+    ("翔", "ショウ"),
+    ("陽菜", "ヒナ"),
+    ("大輔", "ダイスケ"),
+    ("さくら", "サクラ"),
+    ("拓也", "タクヤ"),
+    ("結衣", "ユイ"),
+)
+_MIDDLE = (("マリア", "マリア"), ("ジョン", "ジョン"), ("アン", "アン"))
+# (name, kana, short name, short kana)
+_ORGS = (
+    ("株式会社サンプル商事", "カブシキガイシャサンプル", "サンプル商事", "サンプル"),
+    ("東京テスト工業株式会社", "トウキョウテストコウギョウ", "東京テスト", "トウキョウテスト"),
+    ("合同会社みらい", "ゴウドウガイシャミライ", "みらい", "ミライ"),
+    ("Acme Japan K.K.", "アクメジャパン", "Acme", "アクメ"),
+    ("さくら不動産株式会社", "サクラフドウサン", "さくら不動産", "サクラ"),
+)
+_DEPTS = (
+    ("営業部", "エイギョウブ", "営業", "エイギョウ"),
+    ("総務部", "ソウムブ", "総務", "ソウム"),
+    ("経理部", "ケイリブ", "経理", "ケイリ"),
+    ("情報システム部", "ジョウホウシステムブ", "情シス", "ジョウシス"),
+    ("カスタマーサポート部", "カスタマーサポートブ", "CS", "シーエス"),
+)
+_CALL_CENTER_ORG = ("コミューボ株式会社", "コミューボカブシキガイシャ", "コミューボ", "コミューボ")
+_CALL_CENTER_DEPTS = (
+    ("第一コールセンター", "ダイイチコールセンター", "第一CC", "ダイイチシーシー"),
+    ("第二コールセンター", "ダイニコールセンター", "第二CC", "ダイニシーシー"),
+    ("品質管理課", "ヒンシツカンリカ", "品管", "ヒンカン"),
+    ("アウトバウンド課", "アウトバウンドカ", "OB", "オービー"),
+)
+_NOTES = (
+    "折り返し希望",
+    "契約内容の確認",
+    "不在のため再架電",
+    "請求書の再発行依頼",
+    "Customer asked about the invoice",
+    "Follow-up next week",
+    "住所変更の連絡 / address change",
+    "クレーム対応（エスカレーション済）",
+)
+_CHECKPOINTS = ("A", "B", "C", "1", "2", "済", "要折返し")
+
+
+def _stable_int(*parts: object) -> int:
+    """64-bit hash of ``parts`` that, unlike ``hash()``, is the same in every process."""
+    key = "\x1f".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+
+
+def _fmt_ts(epoch_s: int, jst: bool) -> str:
+    """ISO 8601 at seconds precision, either in JST (+09:00) or UTC (Z), as the vendor mixes."""
+    if jst:
+        return time.strftime("%Y-%m-%dT%H:%M:%S+09:00", time.gmtime(epoch_s + _JST_OFFSET_S))
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
+
+
+def _classify(call_id: str) -> tuple[str, int]:
+    """Return ``(kind, n)`` for an id.
+
+    ``kind`` is a scripted fault kind (with ``n`` failing requests), one of the fixed prefixes
+    (``n`` = 0), or ``"ordinary"``.
+    """
+    m = _SCRIPTED_RE.match(call_id)
+    if m:
+        return m.group(1), int(m.group(2))
+    prefix = call_id.split("-", 1)[0]
+    if prefix in _ALWAYS_PREFIXES and call_id.startswith(prefix + "-"):
+        return prefix, 0
+    return "ordinary", 0
+
+
+@lru_cache(maxsize=2048)
+def _customer_base(seed: int, customer_id: str) -> tuple[dict[str, Any], int]:
+    """Fixed per-customer attributes (names, org) and the creation time."""
+    rng = random.Random(f"{seed}:customer:{customer_id}")
+    family, family_kana = rng.choice(_FAMILY)
+    personal, personal_kana = rng.choice(_PERSONAL)
+    base: dict[str, Any] = {
+        "familyName": family,
+        "familyNameKana": family_kana,
+        "personalName": personal,
+        "personalNameKana": personal_kana,
+    }
+    # Optional fields are absent (not null) for customers that lack them.
+    if rng.random() < 0.08:
+        base["middleName"], base["middleNameKana"] = rng.choice(_MIDDLE)
+    if rng.random() < 0.6:
+        org, org_kana, org_short, org_short_kana = rng.choice(_ORGS)
+        base["orgName"], base["orgNameKana"] = org, org_kana
+        if rng.random() < 0.7:
+            base["orgShortName"], base["orgShortNameKana"] = org_short, org_short_kana
+        if rng.random() < 0.5:
+            dept, dept_kana, dept_short, dept_short_kana = rng.choice(_DEPTS)
+            base["deptName"], base["deptNameKana"] = dept, dept_kana
+            if rng.random() < 0.5:
+                base["deptShortName"], base["deptShortNameKana"] = dept_short, dept_short_kana
+    created = _ENTITIES_START + rng.randrange(_ENTITIES_SPAN_S)
+    return base, created
+
+
+def _customer_snapshot(seed: int, customer_id: str, version: int) -> dict[str, Any]:
+    """The customer as of snapshot ``version``: a pure function of (seed, customer, version),
+    so two calls carrying the same version carry identical customer objects."""
+    base, created = _customer_base(seed, customer_id)
+    num = int(customer_id.rsplit("-", 1)[1])
+    jst = _stable_int(seed, customer_id, version, "tz") % 2 == 0
+    snap: dict[str, Any] = {
+        "customerId": customer_id,
+        "createdDateTime": _fmt_ts(created, jst),
+        "updatedDateTime": _fmt_ts(created + version * 60, jst),
+    }
+    snap.update(base)
+    # Count and values depend on the version, so the newest snapshot's list is recognisable.
+    snap["phoneNumbers"] = [f"090{num:04d}{version:03d}{i}" for i in range(version % 6)]
+    snap["note"] = f"snapshot v{version}"
+    return snap
+
+
+@lru_cache(maxsize=256)
+def _operator_base(seed: int, operator_id: str) -> tuple[dict[str, Any], int, int, int]:
+    """Fixed per-operator attributes, creation time, voice id and department index."""
+    rng = random.Random(f"{seed}:operator:{operator_id}")
+    family, family_kana = rng.choice(_FAMILY)
+    personal, personal_kana = rng.choice(_PERSONAL)
+    base: dict[str, Any] = {
+        "name": f"{family} {personal}",
+        "nameKana": f"{family_kana} {personal_kana}",
+        "_family": family,
+        "_familyKana": family_kana,
+        "_deptShort": rng.random() < 0.7,
+    }
+    org, org_kana, org_short, org_short_kana = _CALL_CENTER_ORG
+    base.update(orgName=org, orgNameKana=org_kana)
+    if rng.random() < 0.8:
+        base.update(orgShortName=org_short, orgShortNameKana=org_short_kana)
+    created = _ENTITIES_START + rng.randrange(_ENTITIES_SPAN_S)
+    voice_id = rng.randint(1, 20)
+    dept_idx = rng.randrange(len(_CALL_CENTER_DEPTS))
+    return base, created, voice_id, dept_idx
+
+
+def _operator_snapshot(
+    seed: int, operator_id: str, version: int, voice_as_str: bool, typo_key: bool
+) -> dict[str, Any]:
+    """The operator as of snapshot ``version``; shortName and department move with it."""
+    base, created, voice_id, dept_idx = _operator_base(seed, operator_id)
+    jst = _stable_int(seed, operator_id, version, "tz") % 2 == 0
+    # The vendor misspells the key in some payloads; the value is the same either way.
+    voice_key = "operatorVocieId" if typo_key else "operatorVoiceId"
+    snap: dict[str, Any] = {
+        "operatorId": operator_id,
+        "createdDateTime": _fmt_ts(created, jst),
+        "updatedDateTime": _fmt_ts(created + version * 60, jst),
+        voice_key: str(voice_id) if voice_as_str else voice_id,
+        "name": base["name"],
+        "nameKana": base["nameKana"],
+        "shortName": f"{base['_family']}-{version:03d}",
+        "shortNameKana": f"{base['_familyKana']}-{version:03d}",
+    }
+    for key in ("orgName", "orgNameKana", "orgShortName", "orgShortNameKana"):
+        if key in base:
+            snap[key] = base[key]
+    # Operators get moved between departments as versions advance.
+    dept, dept_kana, dept_short, dept_short_kana = _CALL_CENTER_DEPTS[
+        (dept_idx + version // 250) % len(_CALL_CENTER_DEPTS)
+    ]
+    snap.update(deptName=dept, deptNameKana=dept_kana)
+    if base["_deptShort"]:
+        snap.update(deptShortName=dept_short, deptShortNameKana=dept_short_kana)
+    return snap
+
+
+def _phone(rng: random.Random) -> str:
+    """A Japanese landline or mobile number in one of the formats the vendor returns."""
+    style = rng.randrange(3)
+    if style == 0:
+        return f"03{rng.randrange(10**8):08d}"
+    if style == 1:
+        return f"+81-90-{rng.randrange(10**4):04d}-{rng.randrange(10**4):04d}"
+    return f"080{rng.randrange(10**8):08d}"
+
+
+def _base_payload(call_id: str, seed: int, force_connected: bool = False) -> dict[str, Any]:
+    """The normal call object for ``call_id`` (no 404 or prefix handling)."""
+    rng = random.Random(f"{seed}:{call_id}")
+    jst = rng.random() < 0.5
+    call_type = rng.randrange(3)  # 0 incoming, 1 outgoing, 2 user call
+    payload: dict[str, Any] = {
+        "callId": call_id,
+        "callType": str(call_type) if rng.random() < 0.5 else call_type,
+    }
+    if rng.random() < 0.2:
+        payload["relatedCallId"] = f"call-{rng.randrange(10**6):06d}"
+    payload["phoneNumber"] = _phone(rng)
+    call_at = _CALLS_START + rng.randrange(_CALLS_SPAN_S)
+    payload["callDateTime"] = _fmt_ts(call_at, jst)
+    connected = force_connected or rng.random() >= 0.2
+    if connected:
+        # Not-connected calls lack these keys entirely (the vendor omits rather than nulls).
+        payload["connectedDateTime"] = _fmt_ts(call_at + rng.randint(3, 40), jst)
+        talk = rng.randint(0, 1800)
+        payload["talkTime"] = str(talk) if rng.random() < 0.5 else talk
+        payload["connectResult"] = "0"
+    else:
+        payload["connectResult"] = rng.choice(("1", "2", "3"))
+    if rng.random() < 0.5:
+        payload["checkPoint"] = rng.choice(_CHECKPOINTS)
+    has_nul = rng.random() < 0.02
+    if has_nul or rng.random() < 0.7:
+        note = rng.choice(_NOTES)
+        if has_nul:
+            # Some vendor notes carry a NUL, which PostgreSQL text columns reject.
+            note = f"{note}\x00{rng.choice(_NOTES)}"
+        payload["note"] = note
+    if rng.random() >= 0.15:
+        cid = f"cus-{_stable_int(seed, call_id, 'customer') % _CUSTOMER_POOL:05d}"
+        version = _stable_int(seed, call_id, "customer-version") % _SNAPSHOT_VERSIONS
+        payload["customer"] = _customer_snapshot(seed, cid, version)
+    if rng.random() >= 0.05:
+        oid = f"op-{_stable_int(seed, call_id, 'operator') % _OPERATOR_POOL:03d}"
+        version = _stable_int(seed, call_id, "operator-version") % _SNAPSHOT_VERSIONS
+        voice_as_str = rng.random() < 0.5
+        typo_key = rng.random() < 0.5
+        payload["operator"] = _operator_snapshot(seed, oid, version, voice_as_str, typo_key)
+    if rng.random() >= 0.3:
+        scenario = _stable_int(seed, call_id, "scenario") % _SCENARIO_POOL + 1
+        payload["scenario"] = {"scenarioId": f"scn-{scenario:02d}"}
+    return payload
+
+
+def _is_missing(call_id: str, seed: int) -> bool:
+    """Whether an ordinary id is one of the ~3% that do not exist."""
+    return _stable_int(seed, call_id, "missing") % 1000 < _MISSING_PER_MILLE
+
+
+def payload_for(call_id: str, seed: int = 0) -> dict | None:
+    """The call object the simulator serves for call_id (pure, deterministic in (seed, call_id));
+    None when the id is one the simulator answers with 404.
+
+    For scripted ids this is what the id eventually serves: ``None`` for ``nf-``, ``broken-``,
+    ``badjson-`` and ``array-`` ids (they never serve a call object), the modified object for
+    ``wrongid-``, ``nocallid-``, ``poison-`` and ``bigint-`` ids.  A fresh dict is returned on
+    every call, so callers may mutate it.
+    """
+    kind, _ = _classify(call_id)
+    if kind in ("nf", "broken", "badjson", "array"):
+        return None
+    if kind == "ordinary":
+        return None if _is_missing(call_id, seed) else _base_payload(call_id, seed)
+    if kind in ("poison", "bigint"):
+        # Force a connected call so the bad talkTime is actually present.
+        payload = _base_payload(call_id, seed, force_connected=True)
+        payload["talkTime"] = "not-a-number" if kind == "poison" else 2**40
+        return payload
+    payload = _base_payload(call_id, seed)
+    if kind == "wrongid":
+        payload["callId"] = "other-" + call_id
+    elif kind == "nocallid":
+        del payload["callId"]
+    return payload
+
+
+def _json_bytes(obj: object) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode()
+
+
+_NOT_FOUND = _json_bytes({"error": "not found"})
+_FORBIDDEN = _json_bytes({"error": "forbidden", "message": "invalid tenant id or access token"})
+_RATE_LIMITED = _json_bytes({"error": "too many requests"})
+_STATUS_BODIES = {
+    500: _json_bytes({"error": "internal server error"}),
+    502: _json_bytes({"error": "bad gateway"}),
+    503: _json_bytes({"error": "service unavailable"}),
+}
+_BAD_JSON = b"<html>oops</html>"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Per-connection request handler; all decisions live in :meth:`Simulator._respond`."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, so pooled clients reuse connections
+    server_version = "commubo-sim/1.0"
+    # Headers and body go out in separate sends; without NODELAY, Nagle + delayed ACK can
+    # add ~40 ms to every keep-alive response.
+    disable_nagle_algorithm = True
+    server: _Server
+
+    def version_string(self) -> str:
+        """The Server header: just the simulator name (no Python version)."""
+        return self.server_version
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silence the default one-line-per-request stderr log."""
+
+    def do_GET(self) -> None:
+        self.server.sim._respond(self)
+
+    def _other_method(self) -> None:
+        # Drain any body so a keep-alive connection stays in sync, then refuse.
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        self.server.sim._count(None)
+        self.send_body(404, _NOT_FOUND)
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = _other_method
+
+    def send_body(
+        self,
+        status: int,
+        body: bytes,
+        headers: tuple[tuple[str, str], ...] = (),
+        *,
+        truncate: bool = False,
+    ) -> None:
+        """Send a complete response; with ``truncate`` send half the body and hang up."""
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
+        if truncate:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2] if truncate else body)
+
+    def reset_connection(self) -> None:
+        """Abort the connection with a TCP RST instead of answering."""
+        self.close_connection = True
+        sock = self.connection
+        try:
+            # Linger on with timeout 0 makes close() send RST rather than FIN.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # rfile holds a reference to the socket; the fd is only really closed (and the
+            # RST sent) once both are closed.  socketserver's later shutdown/close on the
+            # already-closed socket is harmless (it swallows OSError).
+            sock.close()
+            self.rfile.close()
+        except OSError:
+            pass
+
+
+class _Server(ThreadingHTTPServer):
+    """Threaded HTTP server that tracks open connections so stop() can hang them up."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    # ThreadingMixIn would otherwise join every handler thread on server_close(), which
+    # blocks for as long as any client keeps an idle keep-alive connection open.
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], sim: Simulator) -> None:
+        self.sim = sim
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._conns_lock:
+            self._conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conns_lock:
+            self._conns.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Wake handler threads blocked on idle keep-alive connections so they exit."""
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients hanging up (timeouts, our own resets) are expected; don't print tracebacks.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (OSError, ValueError)):
+            return
+        super().handle_error(request, client_address)
+
+
+def _check_loopback(host: str) -> None:
+    if host != "localhost" and not host.startswith("127."):
+        raise ValueError(f"the simulator only binds loopback addresses, not {host!r}")
+
+
+class Simulator:
+    """A local commubo connect API serving deterministic call objects and scripted faults.
+
+    Binding happens in the constructor (port 0 picks a free port), so :attr:`url` and
+    :attr:`port` are valid before :meth:`start`.  See the module docstring for the id grammar.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        latency_ms: float = 0,
+        fault_rate: float = 0.0,
+        seed: int = 0,
+        tenant_id: str = DEFAULT_TENANT_ID,
+        access_token: str = DEFAULT_ACCESS_TOKEN,
+        slow_s: float = 2.0,
+        retry_after_s: int = 1,
+    ) -> None:
+        _check_loopback(host)
+        if not 0.0 <= fault_rate <= 1.0:
+            raise ValueError("fault_rate must be between 0 and 1")
+        if latency_ms < 0 or slow_s < 0 or retry_after_s < 0:
+            raise ValueError("latency_ms, slow_s and retry_after_s must not be negative")
+        self.latency_ms = latency_ms
+        self.fault_rate = fault_rate
+        self.seed = seed
+        self.tenant_id = tenant_id
+        self.access_token = access_token
+        self.slow_s = slow_s
+        self.retry_after_s = retry_after_s
+        self._counts: dict[str, int] = {}
+        self._total = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        # Bind now and read the port back, so port 0 has no window for another process.
+        self._server = _Server((host, port), self)
+        self.port: int = self._server.server_address[1]
+        self.url: str = f"http://{self._server.server_address[0]}:{self.port}"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> Simulator:
+        """Serve in a daemon background thread and return self (no-op if already running)."""
+        if self._closed:
+            raise RuntimeError("simulator was stopped; create a new one")
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._server.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name=f"commubo-sim-{self.port}",
+                daemon=True,
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, hang up open connections, close the socket and join the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._server.close_connections()
+        self._server.server_close()
+
+    def serve_forever(self) -> None:
+        """Serve in the foreground until Ctrl-C (used by the ``etl simulate`` command)."""
+        if self._closed:
+            raise RuntimeError("simulator was stopped; create a new one")
+        try:
+            self._server.serve_forever(poll_interval=0.2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self._closed = True
+            self._server.close_connections()
+            self._server.server_close()
+
+    def __enter__(self) -> Simulator:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"Simulator(url={self.url!r}, seed={self.seed}, fault_rate={self.fault_rate})"
+
+    # -- counters --------------------------------------------------------------------------
+
+    def requests_for(self, call_id: str) -> int:
+        """How many requests ``call_id`` has received (every outcome, 403s included)."""
+        with self._lock:
+            return self._counts.get(call_id, 0)
+
+    @property
+    def total_requests(self) -> int:
+        """All requests received, whatever the path or outcome (403s and faults included)."""
+        with self._lock:
+            return self._total
+
+    def reset_counts(self) -> None:
+        """Zero all counters; scripted ids then start their fault scripts again."""
+        with self._lock:
+            self._counts.clear()
+            self._total = 0
+
+    def _count(self, call_id: str | None) -> int:
+        """Record one request; return how many this id had before it (its 0-based attempt)."""
+        with self._lock:
+            self._total += 1
+            if call_id is None:
+                return 0
+            attempt = self._counts.get(call_id, 0)
+            self._counts[call_id] = attempt + 1
+            return attempt
+
+    # -- request handling ------------------------------------------------------------------
+
+    def _respond(self, h: _Handler) -> None:
+        path = urlsplit(h.path).path
+        raw_id = path[len(_CALLS_PREFIX) :] if path.startswith(_CALLS_PREFIX) else ""
+        call_id = unquote(raw_id) if raw_id and "/" not in raw_id else None
+        attempt = self._count(call_id)
+
+        if self.latency_ms:
+            time.sleep(self.latency_ms / 1000)
+        if (
+            h.headers.get("x-commubo-tenantId") != self.tenant_id
+            or h.headers.get("x-commubo-accessToken") != self.access_token
+        ):
+            h.send_body(403, _FORBIDDEN)
+            return
+        if call_id is None:
+            h.send_body(404, _NOT_FOUND)
+            return
+
+        kind, n = _classify(call_id)
+        if kind == "ordinary":
+            if _is_missing(call_id, self.seed):
+                h.send_body(404, _NOT_FOUND)
+                return
+            if self.fault_rate:
+                rng = random.Random(f"{self.seed}:{call_id}:{attempt}")
+                if rng.random() < self.fault_rate:
+                    fault = rng.choice(_RANDOM_FAULTS)
+                    body = _json_bytes(payload_for(call_id, self.seed)) if fault == "cut" else b""
+                    self._fault(h, fault, body)
+                    return
+        elif kind == "slow":
+            if attempt < n:
+                time.sleep(self.slow_s)
+        elif kind in ("nf", "broken", "badjson", "array"):
+            self._fixed(h, kind)
+            return
+        elif attempt < n:
+            # reset/cut need the real body (cut sends half of it); others ignore it.
+            body = _json_bytes(payload_for(call_id, self.seed)) if kind == "cut" else b""
+            self._fault(h, kind, body)
+            return
+
+        h.send_body(200, _json_bytes(payload_for(call_id, self.seed)))
+
+    def _fixed(self, h: _Handler, kind: str) -> None:
+        """Answer for the prefixes that behave the same on every request."""
+        if kind == "nf":
+            h.send_body(404, _NOT_FOUND)
+        elif kind == "broken":
+            h.send_body(500, _STATUS_BODIES[500])
+        elif kind == "badjson":
+            h.send_body(200, _BAD_JSON)
+        else:  # array
+            h.send_body(200, b"[]")
+
+    def _fault(self, h: _Handler, kind: str, body: bytes) -> None:
+        """Inject one fault of ``kind``; ``body`` is the payload a cut response truncates."""
+        if kind == "reset":
+            h.reset_connection()
+        elif kind == "cut":
+            h.send_body(200, body, truncate=True)
+        elif kind == "e429s":
+            h.send_body(429, _RATE_LIMITED, (("Retry-After", str(self.retry_after_s)),))
+        elif kind == "e429d":
+            when = formatdate(time.time() + self.retry_after_s, usegmt=True)
+            h.send_body(429, _RATE_LIMITED, (("Retry-After", when),))
+        else:  # e500 / e502 / e503
+            h.send_body(int(kind[1:]), _STATUS_BODIES[int(kind[1:])])

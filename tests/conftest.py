@@ -1,0 +1,144 @@
+"""Shared fixtures: a real PostgreSQL server, a fresh database per test, a simulator on a free
+port, and a way to run the `etl` command as a separate process.
+
+The PostgreSQL server is, in this order: ETL_TEST_DATABASE_URL when set (any database on that
+server; tests create and drop their own databases beside it), a testcontainers PostgreSQL when
+a Docker engine answers, else an embedded PostgreSQL from the `pgserver` wheel.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import URL
+
+from etl.config import Secret, Settings, normalize_database_url
+from etl.simulator import DEFAULT_ACCESS_TOKEN, DEFAULT_TENANT_ID, Simulator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=3)
+        client.ping()
+        return True
+    except Exception:  # no client library, no socket, no engine: all mean "no Docker"
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[URL]:
+    """URL of a database on a PostgreSQL server where tests may create databases."""
+    env_url = os.environ.get("ETL_TEST_DATABASE_URL")
+    if env_url:
+        yield normalize_database_url(env_url)
+        return
+    if _docker_answers():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16-alpine", driver="psycopg") as pg:
+            yield normalize_database_url(pg.get_connection_url())
+        return
+    import pgserver
+
+    with tempfile.TemporaryDirectory(prefix="etl-pgserver-") as data_dir:
+        server = pgserver.get_server(data_dir, cleanup_mode="stop")
+        try:
+            yield normalize_database_url(server.get_uri())
+        finally:
+            server.cleanup()
+
+
+@pytest.fixture
+def pg_url(pg_server: URL) -> Iterator[URL]:
+    """A fresh, empty database for this test alone, dropped afterwards."""
+    name = f"etl_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(pg_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield pg_server.set(database=name)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> URL:
+    return normalize_database_url(f"sqlite:///{tmp_path / 'warehouse.db'}")
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def any_db_url(request: pytest.FixtureRequest) -> URL:
+    """Both supported backends, for behaviour that must hold on each."""
+    name = "pg_url" if request.param == "postgresql" else "sqlite_url"
+    return request.getfixturevalue(name)
+
+
+@pytest.fixture
+def sim() -> Iterator[Simulator]:
+    with Simulator(slow_s=1.5, retry_after_s=1) as simulator:
+        yield simulator
+
+
+def make_settings(sim: Simulator, db_url: URL, **changes) -> Settings:
+    """Settings for a test run: fast backoff so retries do not slow the suite down."""
+    base = Settings(
+        base_url=sim.url,
+        tenant_id=DEFAULT_TENANT_ID,
+        access_token=Secret(DEFAULT_ACCESS_TOKEN),
+        database_url=db_url,
+        concurrency=4,
+        timeout_s=5.0,
+        backoff_s=0.01,
+        max_backoff_s=0.05,
+        retry_after_cap_s=5.0,
+        batch_size=50,
+    )
+    return replace(base, **changes)
+
+
+def etl_env(sim: Simulator | None = None, db_url: URL | None = None, **extra: str
+            ) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("COMMUBO_", "ETL_DATABASE_URL", "ETL_CONFIG"))}
+    if sim is not None:
+        env.update(COMMUBO_BASE_URL=sim.url, COMMUBO_TENANT_ID=DEFAULT_TENANT_ID,
+                   COMMUBO_ACCESS_TOKEN=DEFAULT_ACCESS_TOKEN)
+    if db_url is not None:
+        env["ETL_DATABASE_URL"] = db_url.render_as_string(hide_password=False)
+    env.update(extra)
+    return env
+
+
+def run_etl(*args: str, env: dict[str, str], cwd: Path | None = None, input: str | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The `etl` command in its own process: real exit codes, real stdout and stderr."""
+    return subprocess.run(
+        [sys.executable, "-m", "etl", *args],
+        env=env, cwd=cwd, input=input, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def fast_config(tmp_path: Path) -> Path:
+    """A config file for `etl` processes in tests: quick retries, short timeouts."""
+    path = tmp_path / "etl-test.toml"
+    path.write_text(
+        "[api]\nbackoff_s = 0.01\nmax_backoff_s = 0.05\ntimeout_s = 5\nretry_after_cap_s = 5\n"
+        "concurrency = 4\n\n[sync]\nbatch_size = 50\n"
+    )
+    return path
