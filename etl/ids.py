@@ -85,3 +85,23 @@ def select_shard(ids: list[str], shard_index: int, num_shards: int) -> list[str]
     if num_shards == 1:
         return ids
     return [i for i in ids if shard_of(i, num_shards) == shard_index]
+
+
+def shard_ids(ids: Iterable[str], shards: int) -> list[list[str]]:
+    """Split `ids` into `shards` lists by the stable hash of `shard_of`: list `i` holds exactly
+    the ids that `select_shard(ids, i, shards)` (and `etl sync --shard-index i`) would take, in
+    their original order, duplicates dropped. Empty shards stay in place, so the position of a
+    list is its shard index.
+
+    Meant for Airflow's dynamic task mapping over a small id list
+    (`CommuboSyncOperator.partial(...).expand(ids=shard_ids(ids, shards=4))`). The lists are
+    stored in the serialized DAG or in XCom, so keep big id lists in a file and map over
+    `shard_index` instead. Airflow refuses to map a list pushed through XCom that is longer
+    than `core.max_map_length` (1024 by default): keep `shards` at most that.
+    """
+    if shards < 1:
+        raise InputError(f"the number of shards must be at least 1, got {shards}")
+    out: list[list[str]] = [[] for _ in range(shards)]
+    for call_id in dict.fromkeys(ids):
+        out[shard_of(call_id, shards)].append(call_id)
+    return out

@@ -1,11 +1,13 @@
 """Loading fetched calls into the warehouse: one transaction per batch, upserts in a fixed key
 order, newest snapshot wins, and a bad row isolated instead of failing its batch (SPEC section 5).
 
-Dialect differences (PostgreSQL vs SQLite upsert) live in `_insert` and nowhere else.
+Dialect differences (PostgreSQL vs SQLite upsert) live in `_execute`/`_statement` and nowhere
+else.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, Table, and_, delete, or_
+import psycopg
+from sqlalchemy import Column, Engine, MetaData, Table, and_, delete, or_, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -52,6 +55,7 @@ class _Item:
     http_status: int | None
     error: str | None
     attempts: int
+    raw_text: str | None = None  # the body as received, for `calls.raw`, when it is usable as is
 
 
 class _RowRejected(Exception):
@@ -69,7 +73,7 @@ class Loader:
         self.engine = engine
         self.run_id = run_id
         self._postgres = engine.dialect.name == "postgresql"
-        self._insert = pg_insert if self._postgres else sqlite_insert
+        self._statements: dict[tuple[str, str], Any] = {}
 
     def load(self, outcomes: Sequence[Outcome]) -> dict[str, int]:
         now = datetime.now(UTC)
@@ -81,13 +85,14 @@ class Loader:
     def _prepare(self, o: Outcome, now: datetime) -> _Item:
         if o.status != OK:
             return _Item(o.call_id, o.status, None, o.http_status, o.error, o.attempts)
+        nul_free, raw_text = _body_text(o.body, self._postgres)
         try:
             rows = transform(o.payload, call_id=o.call_id, fetched_at=o.fetched_at or now,
-                             run_id=self.run_id)
+                             run_id=self.run_id, nul_free=nul_free)
         except PayloadError as exc:
             return _Item(o.call_id, FAILED, None, o.http_status, f"bad payload: {exc}",
                          o.attempts)
-        return _Item(o.call_id, LOADED, rows, o.http_status, None, o.attempts)
+        return _Item(o.call_id, LOADED, rows, o.http_status, None, o.attempts, raw_text)
 
     # -- isolating bad rows --------------------------------------------------------------------
 
@@ -113,8 +118,11 @@ class Loader:
     def _write_retrying(self, items: list[_Item]) -> None:
         for attempt, delay in enumerate((*RECONNECT_DELAYS_S, None), start=1):
             try:
-                with self.engine.begin() as conn:
-                    self._write(conn, items)
+                with self.engine.connect() as conn:
+                    if self._postgres:
+                        self._ensure_stages(conn)
+                    with conn.begin():
+                        self._write(conn, items)
                 return
             except (DataError, IntegrityError) as exc:
                 raise _RowRejected(describe_db_error(exc, self.engine.url)) from None
@@ -131,6 +139,9 @@ class Loader:
                 raise DatabaseError(
                     f"database error writing a batch: {describe_db_error(exc, self.engine.url)}"
                 ) from None
+            except UnicodeError as exc:
+                # A lone surrogate (the JSON escape \ud800) parses, but no driver can encode it.
+                raise _RowRejected(f"text the database cannot encode: {exc.reason}") from None
             except StatementError as exc:
                 # A value the driver could not even bind: a row problem, not a database one.
                 raise _RowRejected(str(exc.orig) if exc.orig else str(exc)) from None
@@ -165,74 +176,144 @@ class Loader:
         # Every transaction takes its row locks table by table in this order, and by key
         # inside a table, so concurrent runs wait for each other but never deadlock.
         if scenario_ids:
-            conn.execute(
-                self._insert(scenarios).on_conflict_do_nothing(),
-                [{"scenario_id": s} for s in sorted(scenario_ids)],
-            )
+            self._execute(conn, scenarios, "scenario_id", "nothing",
+                          [{"scenario_id": s} for s in sorted(scenario_ids)])
         if customer_rows:
             ordered = [customer_rows[k] for k in sorted(customer_rows)]
-            won = self._upsert_newest(conn, customers, "customer_id",
-                                      [r.customer for r in ordered])
+            won = self._execute(conn, customers, "customer_id", "newest",
+                                [r.customer for r in ordered])
             if won:
                 # A customer's phone numbers go with its winning snapshot, and only then.
-                winners = sorted(won)
                 conn.execute(delete(customer_phone_numbers)
-                             .where(customer_phone_numbers.c.customer_id.in_(winners)))
+                             .where(customer_phone_numbers.c.customer_id.in_(sorted(won))))
                 phones = [p for r in ordered if r.customer["customer_id"] in won
                           for p in r.phone_numbers]
                 if phones:
-                    conn.execute(customer_phone_numbers.insert(), phones)
+                    self._execute(conn, customer_phone_numbers, "customer_id", "insert", phones)
         if operator_rows:
-            self._upsert_newest(conn, operators, "operator_id",
-                                [operator_rows[k] for k in sorted(operator_rows)])
+            self._execute(conn, operators, "operator_id", "newest",
+                          [operator_rows[k] for k in sorted(operator_rows)])
         if call_rows:
-            self._upsert(conn, calls, "call_id", [call_rows[k] for k in sorted(call_rows)])
+            ordered_calls = [call_rows[k] for k in sorted(call_rows)]
+            if self._postgres:
+                texts = {i.call_id: i.raw_text for i in items if i.raw_text is not None}
+                ordered_calls = [{**c, "raw": texts.get(c["call_id"]) or _json(c["raw"])}
+                                 for c in ordered_calls]
+            self._execute(conn, calls, "call_id", "update", ordered_calls)
 
         now = datetime.now(UTC)
-        statuses = sorted(
-            ({"call_id": i.call_id, "status": i.status, "http_status": i.http_status,
-              "error": i.error, "attempts": i.attempts, "run_id": self.run_id,
-              "updated_at": now} for i in items),
-            key=lambda s: s["call_id"],
-        )
-        self._upsert(conn, etl_call_status, "call_id", _last_per_key(statuses))
+        statuses = {i.call_id: {"call_id": i.call_id, "status": i.status,
+                                "http_status": i.http_status, "error": i.error,
+                                "attempts": i.attempts, "run_id": self.run_id,
+                                "updated_at": now} for i in items}
+        self._execute(conn, etl_call_status, "call_id", "update",
+                      [statuses[k] for k in sorted(statuses)])
         runs.add_counts(conn, self.run_id, _counts(items))
 
-    def _upsert(self, conn: Connection, table: Table, key: str, rows: list[dict]) -> None:
-        stmt = self._insert(table)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[key],
-            set_={c.name: stmt.excluded[c.name] for c in table.columns if c.name != key},
-        )
-        conn.execute(stmt, rows)
+    def _execute(self, conn: Connection, table: Table, key: str, mode: str,
+                 rows: list[dict[str, Any]]) -> set[str] | None:
+        """Write `rows` (already sorted by key) to `table`. Modes: "insert"; "nothing" (keep
+        the stored row); "update" (the new row wins); "newest" (the newer snapshot wins, and
+        the keys actually written are returned)."""
+        stmt = self._statements.get((table.name, mode))
+        if stmt is None:
+            stmt = self._statements[(table.name, mode)] = self._statement(table, key, mode)
+        if self._postgres:
+            # COPY the rows into a session-local staging table, then one INSERT ... SELECT
+            # per table: a round trip per table and batch instead of one per row, and COPY is
+            # the cheapest way into PostgreSQL on both ends.
+            self._stage(conn, table, rows)
+            result = conn.execute(stmt)
+        else:
+            result = conn.execute(stmt, rows)
+        return set(result.scalars()) if mode == "newest" else None
 
-    def _upsert_newest(self, conn: Connection, table: Table, key: str, rows: list[dict]
-                       ) -> set[str]:
-        """Upsert keeping the newest snapshot by updated_date_time; a stored row is replaced
-        only by one as new or newer (a NULL time counts as oldest). Returns the keys written."""
-        stmt = self._insert(table)
+    @staticmethod
+    def _ensure_stages(conn: Connection) -> None:
+        """Temporary tables live as long as the database session, so they are made once per
+        pooled connection, in a transaction of their own (a batch that rolls back must not
+        take them along); ON COMMIT DELETE ROWS empties them after each batch."""
+        if conn.connection.info.get("etl_stages"):
+            return
+        with conn.begin():
+            for name, stage in _STAGES.items():
+                conn.execute(text(f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage.name} "
+                                  f"(LIKE {name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"))
+        conn.connection.info["etl_stages"] = True
+
+    def _stage(self, conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+        dbapi = conn.connection
+        names = [c.name for c in table.columns]
+        sql = f"COPY {_STAGES[table.name].name} ({', '.join(names)}) FROM STDIN"
+        try:
+            with dbapi.driver_connection.cursor() as cur, cur.copy(sql) as copy:
+                for row in rows:
+                    copy.write_row([row[n] for n in names])
+        except psycopg.Error as exc:
+            # COPY runs on the driver's connection, below SQLAlchemy: wrap its errors the way
+            # SQLAlchemy would (DataError, OperationalError, ...) so they are told apart alike.
+            raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
+
+    def _statement(self, table: Table, key: str, mode: str):
+        if self._postgres:
+            stage = _STAGES[table.name]
+            source = select(*stage.columns).order_by(*(stage.c[k.name]
+                                                       for k in table.primary_key.columns))
+            stmt = pg_insert(table).from_select([c.name for c in table.columns], source)
+        else:
+            stmt = sqlite_insert(table)
+        if mode == "insert":
+            return stmt
+        if mode == "nothing":
+            return stmt.on_conflict_do_nothing(index_elements=[key])
+        # The primary key stays out of SET: PostgreSQL then takes the weaker row lock, which
+        # does not conflict with the foreign-key checks of concurrent call inserts.
+        changes = {c.name: stmt.excluded[c.name] for c in table.columns if c.name != key}
+        if mode == "update":
+            return stmt.on_conflict_do_update(index_elements=[key], set_=changes)
+        # A stored row is replaced only by a snapshot as new or newer; NULL counts as oldest.
         stored, incoming = table.c.updated_date_time, stmt.excluded.updated_date_time
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[key],
-            # The primary key stays out of SET: PostgreSQL then takes the weaker row lock,
-            # which does not conflict with the foreign-key checks of concurrent call inserts.
-            set_={c.name: stmt.excluded[c.name] for c in table.columns if c.name != key},
+        return stmt.on_conflict_do_update(
+            index_elements=[key], set_=changes,
             where=or_(stored.is_(None), and_(incoming.is_not(None), incoming >= stored)),
         ).returning(table.c[key])
-        return set(conn.execute(stmt, rows).scalars())
+
+
+def _body_text(body: bytes | None, keep: bool) -> tuple[bool, str | None]:
+    """(nul_free, raw_text) for a response body. JSON can carry U+0000 only as the escape
+    \\u0000, so a UTF-8 body without it needs no stripping and, when `keep`, can be stored as
+    `raw` exactly as received instead of serialising the payload again. Bodies in another
+    encoding or with a byte-order mark (json.loads accepts both) take the slow path."""
+    if body is None:
+        return False, None
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return False, None
+    if text.startswith("\ufeff") or "\\u0000" in text:
+        return False, None
+    return True, (text if keep else None)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _stage_table(table: Table) -> Table:
+    return Table(f"etl_stage_{table.name}", _STAGE_METADATA,
+                 *(Column(c.name, c.type) for c in table.columns), prefixes=["TEMPORARY"])
+
+
+# Session-local staging tables (PostgreSQL path), one per target table; not part of the
+# warehouse schema, so kept out of `schema.metadata` and of the migrations.
+_STAGE_METADATA = MetaData()
+_STAGES = {t.name: _stage_table(t) for t in (scenarios, customers, customer_phone_numbers,
+                                             operators, calls, etl_call_status)}
 
 
 def _same_or_newer(candidate: dict[str, Any], held: dict[str, Any]) -> bool:
     new, old = candidate["updated_date_time"], held["updated_date_time"]
     return old is None or (new is not None and new >= old)
-
-
-def _last_per_key(statuses: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    # The same id twice in one batch (a caller's list with repeats): the later one stands.
-    seen: dict[str, dict[str, Any]] = {}
-    for s in statuses:
-        seen[s["call_id"]] = s
-    return list(seen.values()) if len(seen) != len(statuses) else statuses
 
 
 def _counts(items: list[_Item]) -> dict[str, int]:

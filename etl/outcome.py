@@ -20,3 +20,4 @@ class Outcome:
     error: str | None = None
     attempts: int = 0
     fetched_at: datetime | None = None
+    body: bytes | None = None  # the response body the payload was parsed from, when known

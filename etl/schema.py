@@ -21,6 +21,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
+# The newest migration in migrations/versions: bump it with every new migration (a test
+# checks it against Alembic's head). It lets `etl sync` see "schema current" without
+# importing Alembic.
+SCHEMA_REVISION = "0001"
+
 # Named constraints so that later migrations can refer to them on every backend.
 metadata = MetaData(
     naming_convention={

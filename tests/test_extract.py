@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
-from conftest import make_settings
+from helpers import make_settings
 
 from etl.config import Secret, Settings
 from etl.errors import AuthError

@@ -1,0 +1,145 @@
+"""The Alembic migrations: they build exactly `etl.schema.metadata`, with the `call_details` view,
+from a checkout and from an installed wheel (SPEC section 4)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from helpers import ROOT, etl_env, run_etl
+from sqlalchemy import Engine, inspect, text
+from sqlalchemy.engine import URL
+
+from etl import db, runs
+from etl.load import Loader
+from etl.outcome import OK, Outcome
+from etl.schema import metadata
+from etl.simulator import Simulator, payload_for
+
+
+@pytest.fixture
+def engine(any_db_url: URL) -> Iterator[Engine]:
+    eng = db.make_engine(any_db_url)
+    yield eng
+    eng.dispose()
+
+
+def test_migrated_schema_equals_the_metadata(engine: Engine) -> None:
+    db.upgrade(engine)
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True,
+                                                         "compare_server_default": True})
+        assert compare_metadata(context, metadata) == []
+    tables = set(inspect(engine).get_table_names())
+    assert tables == {*metadata.tables, "alembic_version"}
+
+
+def test_upgrade_from_code_twice_changes_nothing(engine: Engine) -> None:
+    head = db.head_revision()
+    assert db.upgrade(engine) == (None, head)
+    before = _schema(engine)
+    assert db.upgrade(engine) == (head, head)
+    assert _schema(engine) == before
+
+
+def _schema(engine: Engine) -> dict[str, list]:
+    insp = inspect(engine)
+    return {t: [(c["name"], str(c["type"]), c["nullable"]) for c in insp.get_columns(t)]
+            + sorted(i["name"] for i in insp.get_indexes(t))
+            for t in insp.get_table_names()}
+
+
+def test_call_details_view_returns_calls_with_customer_and_operator_names(
+        engine: Engine) -> None:
+    db.upgrade(engine)
+    assert "call_details" in inspect(engine).get_view_names()
+    payload = {
+        "callId": "call-view", "callType": "1", "talkTime": "42",
+        "callDateTime": "2026-01-05T10:00:00+09:00",
+        "customer": {"customerId": "cus-v", "familyName": "佐藤", "personalName": "太郎",
+                     "orgName": "株式会社サンプル商事"},
+        "operator": {"operatorId": "op-v", "name": "鈴木 花子", "shortName": "鈴木"},
+        "scenario": {"scenarioId": "scn-01"},
+    }
+    run_id = runs.new_run_id()
+    runs.start_run(engine, run_id, requested=2, skipped=0)
+    Loader(engine, run_id).load([
+        Outcome("call-view", OK, payload=payload, http_status=200, attempts=1,
+                fetched_at=datetime.now(UTC)),
+        Outcome("call-alone", OK, payload={"callId": "call-alone"}, http_status=200,
+                attempts=1, fetched_at=datetime.now(UTC)),
+    ])
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT call_id, call_type, talk_time, customer_family_name, "
+            "customer_personal_name, customer_org_name, operator_name, operator_short_name, "
+            "scenario_id FROM call_details ORDER BY call_id")).all()
+    assert [tuple(r) for r in rows] == [
+        ("call-alone", None, None, None, None, None, None, None, None),
+        ("call-view", 1, 42, "佐藤", "太郎", "株式会社サンプル商事", "鈴木 花子", "鈴木", "scn-01"),
+    ]
+
+
+def test_etl_db_upgrade_is_idempotent(any_db_url: URL) -> None:
+    env = etl_env(db_url=any_db_url)
+    first = run_etl("db", "upgrade", env=env)
+    assert first.returncode == 0, first.stderr
+    assert f"upgraded (empty) -> {db.head_revision()}" in first.stdout
+    second = run_etl("db", "upgrade", env=env)
+    assert second.returncode == 0, second.stderr
+    assert f"already at {db.head_revision()}" in second.stdout
+    engine = db.make_engine(any_db_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM alembic_version")).scalar_one() == 1
+    engine.dispose()
+
+
+@pytest.mark.skipif(shutil.which("uv") is None, reason="uv is not on PATH")
+def test_installed_wheel_upgrades_and_syncs_outside_the_checkout(
+        sim: Simulator, fast_config: Path, tmp_path: Path) -> None:
+    dist, venv, work = tmp_path / "dist", tmp_path / "venv", tmp_path / "work"
+    work.mkdir()
+    uv = shutil.which("uv")
+    assert uv is not None
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+
+    def run(*args: str | Path, cwd: Path = work, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([str(a) for a in args], cwd=cwd, env=env or clean,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{args}: {proc.stdout}{proc.stderr}"
+        return proc
+
+    run(uv, "build", "--wheel", "--out-dir", dist, ROOT, cwd=ROOT)
+    [wheel] = dist.glob("commubo_etl-*.whl")
+    run(uv, "venv", "--python", sys.executable, venv)
+    python = venv / "bin" / "python"
+    run(uv, "pip", "install", "--python", python, wheel)
+
+    # The package comes from the venv, not from the checkout.
+    where = run(python, "-c", "import etl; print(etl.__file__)").stdout.strip()
+    assert Path(where).is_relative_to(venv)
+
+    etl = venv / "bin" / "etl"
+    target = f"sqlite:///{work / 'warehouse.db'}"
+    env = {k: v for k, v in etl_env(sim).items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    upgraded = run(etl, "db", "upgrade", "--db-url", target, env=env)
+    assert f"-> {db.head_revision()}" in upgraded.stdout
+
+    ids = [f"call-{n:06d}" for n in range(1, 31)]
+    (work / "ids.txt").write_text("\n".join(ids) + "\n")
+    synced = run(etl, "sync", "--ids-file", "ids.txt", "--db-url", target, "--config",
+                 fast_config, "--json", env=env)
+    summary = json.loads(synced.stdout)
+    assert summary["loaded"] == sum(1 for i in ids if payload_for(i) is not None)
+    assert summary["failed"] == 0
