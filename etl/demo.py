@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -54,6 +55,12 @@ def run_demo(settings: Settings, calls: int, echo: Callable[[str], None]) -> Non
     echo("")
     header = ("operator_name", "calls", "connected", "avg_talk_s")
     cells = [header, *[tuple("-" if v is None else str(v) for v in row) for row in rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    widths = [max(_width(r[i]) for r in cells) for i in range(len(header))]
     for r in cells:
-        echo("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+        echo(("  " + "  ".join(v + " " * (w - _width(v)) for v, w in zip(r, widths, strict=True))
+              ).rstrip())
+
+
+def _width(text: str) -> int:
+    """Columns a string takes on a terminal: East Asian wide characters (the names) take two."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)

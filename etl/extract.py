@@ -289,6 +289,9 @@ class Extractor:
             except ValueError:
                 return Outcome(call_id, FAILED, http_status=code,
                                error="response body is not JSON")
+            except RecursionError:  # json.loads gives up on arrays or objects ~1000 deep
+                return Outcome(call_id, FAILED, http_status=code,
+                               error="response body is JSON nested too deeply")
             return Outcome(call_id, OK, payload=payload, http_status=code,
                            fetched_at=datetime.now(UTC), body=resp.content)
         if code == 404:

@@ -16,7 +16,22 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from sqlalchemy import Column, Engine, MetaData, Table, and_, delete, or_, select, text
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    Integer,
+    MetaData,
+    SmallInteger,
+    Table,
+    Text,
+    and_,
+    cast,
+    delete,
+    or_,
+    select,
+)
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -28,6 +43,7 @@ from sqlalchemy.exc import (
     OperationalError,
     StatementError,
 )
+from sqlalchemy.schema import CreateTable
 
 from . import runs
 from .config import display_url
@@ -236,17 +252,18 @@ class Loader:
         if conn.connection.info.get("etl_stages"):
             return
         with conn.begin():
-            for name, stage in _STAGES.items():
-                conn.execute(text(f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage.name} "
-                                  f"(LIKE {name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"))
+            for stage in _STAGES.values():
+                conn.execute(CreateTable(stage, if_not_exists=True))
         conn.connection.info["etl_stages"] = True
 
     def _stage(self, conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-        dbapi = conn.connection
-        names = [c.name for c in table.columns]
-        sql = f"COPY {_STAGES[table.name].name} ({', '.join(names)}) FROM STDIN"
+        stage = _STAGES[table.name]
+        names = [c.name for c in stage.columns]
+        sql = f"COPY {stage.name} ({', '.join(names)}) FROM STDIN (FORMAT BINARY)"
         try:
-            with dbapi.driver_connection.cursor() as cur, cur.copy(sql) as copy:
+            with conn.connection.driver_connection.cursor() as cur, cur.copy(sql) as copy:
+                # Binary COPY with the types named: no text escaping on either end.
+                copy.set_types(_COPY_TYPES[table.name])
                 for row in rows:
                     copy.write_row([row[n] for n in names])
         except psycopg.Error as exc:
@@ -257,8 +274,9 @@ class Loader:
     def _statement(self, table: Table, key: str, mode: str):
         if self._postgres:
             stage = _STAGES[table.name]
-            source = select(*stage.columns).order_by(*(stage.c[k.name]
-                                                       for k in table.primary_key.columns))
+            # `raw` is staged as text (the body as received) and parsed into jsonb here.
+            source = select(*(cast(c, JSONB) if c.name == "raw" else c for c in stage.columns)
+                            ).order_by(*(stage.c[k.name] for k in table.primary_key.columns))
             stmt = pg_insert(table).from_select([c.name for c in table.columns], source)
         else:
             stmt = sqlite_insert(table)
@@ -300,8 +318,17 @@ def _json(value: Any) -> str:
 
 
 def _stage_table(table: Table) -> Table:
-    return Table(f"etl_stage_{table.name}", _STAGE_METADATA,
-                 *(Column(c.name, c.type) for c in table.columns), prefixes=["TEMPORARY"])
+    columns = (Column(c.name, Text if c.name == "raw" else c.type) for c in table.columns)
+    return Table(f"etl_stage_{table.name}", _STAGE_METADATA, *columns,
+                 prefixes=["TEMPORARY"], postgresql_on_commit="DELETE ROWS")
+
+
+def _copy_type(sql_type: Any) -> str:
+    for kind, name in ((SmallInteger, "int2"), (Integer, "int4"), (DateTime, "timestamptz"),
+                       (Text, "text")):
+        if isinstance(sql_type, kind):
+            return name
+    raise TypeError(f"no COPY type for {sql_type!r}")
 
 
 # Session-local staging tables (PostgreSQL path), one per target table; not part of the
@@ -309,6 +336,8 @@ def _stage_table(table: Table) -> Table:
 _STAGE_METADATA = MetaData()
 _STAGES = {t.name: _stage_table(t) for t in (scenarios, customers, customer_phone_numbers,
                                              operators, calls, etl_call_status)}
+_COPY_TYPES = {name: [_copy_type(c.type) for c in stage.columns]
+               for name, stage in _STAGES.items()}
 
 
 def _same_or_newer(candidate: dict[str, Any], held: dict[str, Any]) -> bool:

@@ -186,7 +186,10 @@ def transform(payload: Any, *, call_id: str, fetched_at: datetime, run_id: str,
     if not isinstance(payload, dict):
         raise PayloadError(f"payload is not a JSON object but {type(payload).__name__}")
     if not nul_free:
-        payload = strip_nul(payload)
+        try:
+            payload = strip_nul(payload)
+        except RecursionError:  # JSON nested nearly as deep as json.loads allows
+            raise PayloadError("payload is nested too deeply") from None
     got = payload.get("callId")
     if got is None:
         raise PayloadError("payload has no callId")
