@@ -31,7 +31,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if verbose < 2:
-        for noisy in ("urllib3", "alembic.runtime.migration"):
+        for noisy in ("urllib3", "alembic"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -15,6 +15,7 @@ log = logging.getLogger("etl.progress")
 class BarProgress:
     def __init__(self) -> None:
         self._bar = None
+        self._shown = -1
 
     def start(self, total: int) -> None:
         from tqdm import tqdm
@@ -24,9 +25,11 @@ class BarProgress:
 
     def advance(self, n: int, summary: SyncSummary) -> None:
         if self._bar is not None:
-            self._bar.update(n)
-            self._bar.set_postfix(loaded=summary.loaded, not_found=summary.not_found,
-                                  failed=summary.failed, refresh=False)
+            self._bar.update(n)  # cheap: tqdm redraws at most every 0.1 s
+            if summary.processed != self._shown:  # the counts move once per committed batch
+                self._shown = summary.processed
+                self._bar.set_postfix(loaded=summary.loaded, not_found=summary.not_found,
+                                      failed=summary.failed, refresh=False)
 
     def close(self) -> None:
         if self._bar is not None:

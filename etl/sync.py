@@ -151,7 +151,6 @@ def _pipeline(settings: Settings, engine: Engine, todo: list[str], summary: Sync
             summary.not_found += counts.get("not_found", 0)
             summary.failed += counts.get("failed", 0)
             _timing(summary, started)
-            progress.advance(len(batch), summary)
             batch = []
         last_flush = time.monotonic()
 
@@ -160,6 +159,7 @@ def _pipeline(settings: Settings, engine: Engine, todo: list[str], summary: Sync
         for outcome in extractor.fetch(todo, tick_s=1.0):
             if outcome is not None:
                 batch.append(outcome)
+                progress.advance(1, summary)
             if len(batch) >= settings.batch_size or (
                 batch and time.monotonic() - last_flush >= FLUSH_INTERVAL_S
             ):
