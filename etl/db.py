@@ -138,6 +138,12 @@ def upgrade(engine: Engine) -> tuple[str | None, str | None]:
     return before, after
 
 
+def check_reachable(engine: Engine) -> None:
+    """Connect once (DatabaseError, exit 3, if that fails)."""
+    with connect(engine) as conn:
+        conn.execute(text("SELECT 1"))
+
+
 def check_current(engine: Engine) -> None:
     with connect(engine) as conn:
         current = current_revision(conn)

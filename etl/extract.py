@@ -119,6 +119,7 @@ class Extractor:
         self._queue: queue.Queue = queue.Queue(
             maxsize=queue_size or max(2 * settings.concurrency, settings.batch_size))
         self._fatal: BaseException | None = None
+        self._workers: list[threading.Thread] = []
         self._backoff = wait_exponential_jitter(
             multiplier=settings.backoff_s, max=settings.max_backoff_s, jitter=settings.backoff_s)
         self._limiter = (RateLimiter(settings.max_requests_per_s)
@@ -154,16 +155,24 @@ class Extractor:
         """Outcomes in completion order. With `tick_s`, yields None whenever nothing arrived for
         that long (so the caller can commit a partial batch). Raises AuthError (after yielding
         what was already fetched) when the API refuses the credentials."""
+        self.start(ids)
+        yield from self.results(tick_s)
+
+    def start(self, ids: Iterable[str]) -> None:
+        """Start the workers on `ids`; they fill the bounded queue until `results` drains it."""
         source = iter(ids)
         lock = threading.Lock()
-        workers = [
+        self._workers = [
             threading.Thread(target=self._work, args=(source, lock), daemon=True,
                              name=f"fetch-{n}")
             for n in range(self.settings.concurrency)
         ]
-        for w in workers:
+        for w in self._workers:
             w.start()
-        running = len(workers)
+
+    def results(self, tick_s: float | None = None) -> Iterator[Outcome | None]:
+        """The outcomes of the ids given to `start` (see `fetch`)."""
+        running = len(self._workers)
         try:
             while running:
                 try:
@@ -178,11 +187,15 @@ class Extractor:
             if self._fatal is not None:
                 raise self._fatal
         finally:
-            self._stop.set()
-            while any(w.is_alive() for w in workers):
-                with contextlib.suppress(queue.Empty):  # unblock workers on a full queue
-                    self._queue.get(timeout=0.05)
-            self._adapter.close()
+            self.close()
+
+    def close(self) -> None:
+        """Stop the workers (a request in flight finishes first) and release the pool."""
+        self._stop.set()
+        while any(w.is_alive() for w in self._workers):
+            with contextlib.suppress(queue.Empty):  # unblock workers on a full queue
+                self._queue.get(timeout=0.05)
+        self._adapter.close()
 
     # -- the worker side ----------------------------------------------------------------------
 

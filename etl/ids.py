@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
 
 from .errors import InputError
 
@@ -45,29 +45,37 @@ def parse_ids(lines: Iterable[str], source: str = "<ids>") -> list[str]:
 
 
 def read_ids(path: str) -> list[str]:
-    """Read an ids file (`-` for standard input). Undecodable bytes are an input error."""
+    """Read an ids file (`-` for standard input). Undecodable bytes are an input error.
+
+    The file is read line by line, so the only copy of a large file in memory is the ids
+    themselves."""
     if path == "-":
-        data = sys.stdin.buffer.read()
-        source = "<stdin>"
-    else:
-        source = path
-        p = Path(path)
-        try:
-            data = p.read_bytes()
-        except IsADirectoryError:
-            raise InputError(f"{source}: is a directory, expected a file of call ids") from None
-        except FileNotFoundError:
-            raise InputError(f"{source}: no such file") from None
-        except OSError as exc:
-            raise InputError(f"{source}: cannot read ({exc.strerror})") from None
+        return parse_ids(_decoded(sys.stdin.buffer, "<stdin>"), "<stdin>")
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise InputError(f"{source}: line {line} is not UTF-8 text") from None
-    # Only "\n" ends a line: str.splitlines() would also split at U+2028, form feeds and
-    # the like, turning one invalid line into ids. "\r" of CRLF goes with the trimming.
-    return parse_ids(text.split("\n"), source)
+        stream = open(path, "rb")  # noqa: SIM115 - closed below, after the error mapping
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, expected a file of call ids") from None
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    with stream:
+        try:
+            return parse_ids(_decoded(stream, path), path)
+        except IsADirectoryError:
+            raise InputError(f"{path}: is a directory, expected a file of call ids") from None
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def _decoded(stream: BinaryIO, source: str) -> Iterator[str]:
+    # Binary lines end at b"\n" only: str.splitlines() would also split at U+2028, form
+    # feeds and the like, turning one invalid line into ids. "\r" of CRLF goes with the trim.
+    for number, raw in enumerate(stream, start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"{source}: line {number} is not UTF-8 text") from None
 
 
 def shard_of(call_id: str, num_shards: int) -> int:

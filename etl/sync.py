@@ -95,11 +95,23 @@ def run_sync(
     own_engine = engine is None
     engine = engine or db.make_engine(settings.database_url)
     progress = progress or _NoProgress()
+    extractor = Extractor(settings)
+    # Fetching needs no database: unless the ids to fetch depend on what is stored, the
+    # workers start now and fill their bounded queue while the schema is checked or
+    # upgraded (with Alembic's import, the slowest part of a start).
+    early = not (skip_loaded or retry_failed)
     try:
+        # Before any request: an unreachable database is exit 3, a stale schema under
+        # --no-migrate exit 2, and neither should cost the API a single call.
         if migrate:
-            db.upgrade(engine)
+            db.check_reachable(engine)
         else:
             db.check_current(engine)
+        started = time.monotonic()
+        if early:
+            extractor.start(ids)
+        if migrate:
+            db.upgrade(engine)
         if retry_failed:
             known = set(ids)
             ids += [i for i in runs.all_ids_with_status(engine, "failed") if i not in known]
@@ -117,9 +129,14 @@ def run_sync(
                               skipped=len(ids) - len(todo))
         log.info("run %s: %d ids requested, %d skipped as already loaded", run_id,
                  summary.requested, summary.skipped)
-        _pipeline(settings, engine, todo, summary, progress)
+        if not early:
+            started = time.monotonic()
+            extractor.start(todo)
+        progress.start(len(todo))
+        _pipeline(settings, engine, extractor, summary, progress, started)
         return summary
     finally:
+        extractor.close()
         progress.close()
         if own_engine:
             engine.dispose()
@@ -135,13 +152,11 @@ def _checked(ids: Iterable[str]) -> list[str]:
     return unique
 
 
-def _pipeline(settings: Settings, engine: Engine, todo: list[str], summary: SyncSummary,
-              progress: Progress) -> None:
+def _pipeline(settings: Settings, engine: Engine, extractor: Extractor, summary: SyncSummary,
+              progress: Progress, started: float) -> None:
     loader = Loader(engine, summary.run_id)
-    extractor = Extractor(settings)
-    started = time.monotonic()
     batch: list[Outcome] = []
-    last_flush = started
+    last_flush = time.monotonic()
 
     def flush() -> None:
         nonlocal batch, last_flush
@@ -154,9 +169,8 @@ def _pipeline(settings: Settings, engine: Engine, todo: list[str], summary: Sync
             batch = []
         last_flush = time.monotonic()
 
-    progress.start(len(todo))
     try:
-        for outcome in extractor.fetch(todo, tick_s=1.0):
+        for outcome in extractor.results(tick_s=1.0):
             if outcome is not None:
                 batch.append(outcome)
                 progress.advance(1, summary)
