@@ -300,15 +300,12 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         code = exc.exit_code
-    except click.Abort:
-        click.echo("aborted", err=True)
+    except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        click.echo("etl: interrupted; what was committed stays committed", err=True)
         code = 130
     except EtlError as exc:
         click.echo(f"etl: error: {exc}", err=True)
         code = exc.exit_code
-    except KeyboardInterrupt:
-        click.echo("etl: interrupted; what was committed stays committed", err=True)
-        code = 130
     except DBAPIError as exc:
         # Paths that expect database trouble raise DatabaseError; this is the safety net.
         click.echo(f"etl: database error: {type(exc.orig).__name__}", err=True)

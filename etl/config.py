@@ -218,8 +218,11 @@ def _read_toml(path: str, explicit: bool) -> dict[str, Any]:
 
 
 def _finish(values: dict[str, Any]) -> dict[str, Any]:
+    # A token or tenant id pasted with a line break or spaces around it: HTTP would drop them.
+    if "tenant_id" in values:
+        values["tenant_id"] = values["tenant_id"].strip()
     if "access_token" in values:
-        values["access_token"] = Secret(values["access_token"])
+        values["access_token"] = Secret(values["access_token"].strip())
     if "base_url" in values:
         values["base_url"] = normalize_base_url(values["base_url"])
     if "database_url" in values:
@@ -319,12 +322,21 @@ def require_api(s: Settings) -> None:
         for label, value in (
             ("base URL (--base-url, COMMUBO_BASE_URL or api.base_url)", s.base_url),
             ("tenant id (COMMUBO_TENANT_ID or api.tenant_id)", s.tenant_id),
-            ("access token (COMMUBO_ACCESS_TOKEN or api.access_token)", s.access_token),
+            ("access token (COMMUBO_ACCESS_TOKEN or api.access_token)",
+             s.access_token and s.access_token.get()),
         )
         if not value
     ]
     if missing:
         raise ConfigError("missing " + "; ".join(missing))
+    # requests refuses such a header value with an error that repeats it, token included:
+    # refuse it here, naming the setting and never showing the value.
+    for label, value in (("tenant id (COMMUBO_TENANT_ID or api.tenant_id)", s.tenant_id),
+                         ("access token (COMMUBO_ACCESS_TOKEN or api.access_token)",
+                          s.access_token.get())):
+        if value != value.strip() or any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ConfigError(f"{label} has a line break, a control character or surrounding "
+                              "whitespace")
 
 
 def with_overrides(s: Settings, **changes: Any) -> Settings:

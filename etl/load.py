@@ -144,6 +144,10 @@ class Loader:
                 raise _RowRejected(describe_db_error(exc, self.engine.url)) from None
             except (OperationalError, InterfaceError) as exc:
                 reason = describe_db_error(exc, self.engine.url)
+                if (getattr(exc.orig, "sqlstate", None) or "").startswith("54"):
+                    # program_limit_exceeded (an index row too large for a huge key, ...):
+                    # the row is at fault, not the connection, and a retry cannot help.
+                    raise _RowRejected(reason) from None
                 if delay is None:
                     raise DatabaseError(
                         f"database {display_url(self.engine.url)} failed {attempt} times "

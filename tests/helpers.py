@@ -6,13 +6,27 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import replace
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+from sqlalchemy import create_engine, select
 from sqlalchemy.engine import URL
 
 from etl.config import Secret, Settings
-from etl.simulator import DEFAULT_ACCESS_TOKEN, DEFAULT_TENANT_ID, Simulator
+from etl.errors import PayloadError
+from etl.schema import (
+    calls,
+    customer_phone_numbers,
+    customers,
+    etl_call_status,
+    operators,
+    scenarios,
+)
+from etl.simulator import DEFAULT_ACCESS_TOKEN, DEFAULT_TENANT_ID, Simulator, payload_for
+from etl.transform import CallRows, transform
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,3 +68,127 @@ def run_etl(*args: str, env: dict[str, str], cwd: Path | None = None, input: str
         [sys.executable, "-m", "etl", *args],
         env=env, cwd=cwd, input=input, capture_output=True, text=True, timeout=timeout,
     )
+
+
+# -- the warehouse as data, to compare a run with what it should have left ---------------------
+
+
+@dataclass
+class Warehouse:
+    """The data tables and call statuses, without `fetched_at`, `run_id` and bookkeeping
+    times: what must be equal after any two complete runs of the same ids."""
+
+    calls: dict[str, dict[str, Any]] = field(default_factory=dict)
+    customers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    phones: dict[str, list[str]] = field(default_factory=dict)
+    operators: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scenarios: set[str] = field(default_factory=set)
+    statuses: dict[str, str] = field(default_factory=dict)
+
+
+def expected_warehouse(call_ids: Iterable[str], seed: int = 0, failing: Iterable[str] = ()
+                       ) -> Warehouse:
+    """What syncing `call_ids` from a simulator with `seed` must leave, derived from what the
+    simulator serves: each servable call transformed, the newest snapshot of each customer
+    and operator, `not_found` for 404s, `failed` for what can never load and for `failing`
+    (ids whose faults outlast the attempts)."""
+    want = Warehouse()
+    newest_customer: dict[str, CallRows] = {}
+    failing = set(failing)
+    for call_id in dict.fromkeys(call_ids):
+        payload = payload_for(call_id, seed)
+        kind = call_id.split("-", 1)[0]
+        if call_id in failing:
+            want.statuses[call_id] = "failed"
+            continue
+        if payload is None:
+            want.statuses[call_id] = "failed" if kind in NEVER_SERVED else "not_found"
+            continue
+        try:
+            rows = transform(payload, call_id=call_id, fetched_at=_EPOCH, run_id="-")
+        except PayloadError:
+            want.statuses[call_id] = "failed"
+            continue
+        if kind == "bigint":  # transforms, but PostgreSQL's integer refuses it
+            want.statuses[call_id] = "failed"
+            continue
+        want.statuses[call_id] = "loaded"
+        want.calls[call_id] = _without(rows.call, "fetched_at", "run_id")
+        if rows.customer is not None:
+            held = newest_customer.get(rows.customer["customer_id"])
+            if held is None or (rows.customer["updated_date_time"]
+                                > held.customer["updated_date_time"]):
+                newest_customer[rows.customer["customer_id"]] = rows
+        if rows.operator is not None:
+            held_op = want.operators.get(rows.operator["operator_id"])
+            if held_op is None or (rows.operator["updated_date_time"]
+                                   > held_op["updated_date_time"]):
+                want.operators[rows.operator["operator_id"]] = rows.operator
+        if rows.scenario is not None:
+            want.scenarios.add(rows.scenario["scenario_id"])
+    want.customers = {k: v.customer for k, v in newest_customer.items()}
+    want.phones = {k: [p["phone_number"] for p in v.phone_numbers]
+                   for k, v in newest_customer.items() if v.phone_numbers}
+    return want
+
+
+def stored_warehouse(db_url: URL) -> Warehouse:
+    """What the database holds (PostgreSQL or SQLite)."""
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            got = Warehouse(
+                calls={r["call_id"]: _without(_aware(r), "fetched_at", "run_id")
+                       for r in conn.execute(select(calls)).mappings()},
+                customers={r["customer_id"]: _aware(r)
+                           for r in conn.execute(select(customers)).mappings()},
+                operators={r["operator_id"]: _aware(r)
+                           for r in conn.execute(select(operators)).mappings()},
+                scenarios=set(conn.execute(select(scenarios.c.scenario_id)).scalars()),
+                statuses=dict(conn.execute(select(etl_call_status.c.call_id,
+                                                  etl_call_status.c.status)).all()),
+            )
+            for cid, number in conn.execute(
+                    select(customer_phone_numbers.c.customer_id,
+                           customer_phone_numbers.c.phone_number)
+                    .order_by(customer_phone_numbers.c.customer_id,
+                              customer_phone_numbers.c.position)):
+                got.phones.setdefault(cid, []).append(number)
+    finally:
+        engine.dispose()
+    return got
+
+
+def lost_ids(want: Warehouse, got: Warehouse) -> list[str]:
+    """Ids that did not end as they should: a call missing or with other values, or a status
+    other than the expected one."""
+    return sorted(i for i in want.statuses
+                  if got.statuses.get(i) != want.statuses[i]
+                  or got.calls.get(i) != want.calls.get(i))
+
+
+def stale_entities(want: Warehouse, got: Warehouse) -> list[str]:
+    """Customers, phone lists and operators that are not the newest snapshot (or missing)."""
+    return sorted(
+        [f"customer {k}" for k in want.customers.keys() | got.customers.keys()
+         if want.customers.get(k) != got.customers.get(k)]
+        + [f"phones {k}" for k in want.phones.keys() | got.phones.keys()
+           if want.phones.get(k) != got.phones.get(k)]
+        + [f"operator {k}" for k in want.operators.keys() | got.operators.keys()
+           if want.operators.get(k) != got.operators.get(k)]
+        + [f"scenario {k}" for k in want.scenarios ^ got.scenarios])
+
+
+# Scripted ids the simulator never answers with a call object (but not with 404 either).
+NEVER_SERVED = ("broken", "badjson", "array")
+_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def _without(row: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in names}
+
+
+def _aware(row: Any) -> dict[str, Any]:
+    """A row as a dict, SQLite's naive datetimes made UTC."""
+    return {k: (v.replace(tzinfo=UTC) if isinstance(v, datetime) and v.tzinfo is None else v)
+            for k, v in dict(row).items()}

@@ -10,7 +10,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from helpers import etl_env
+from helpers import etl_env, expected_warehouse, lost_ids, stale_entities, stored_warehouse
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import URL
 
@@ -146,3 +146,28 @@ def test_syncs_starting_together_on_an_empty_database_both_succeed(
     engine.dispose()
     every = {f"call-{i:06d}" for i in range(1, 51)}
     assert loaded == {i for i in every if payload_for(i) is not None}
+
+
+def test_four_syncs_of_the_same_ids_in_small_batches_agree_with_what_was_served(
+        sim: Simulator, pg_url: URL, fast_config: Path, tmp_path: Path) -> None:
+    # Every process writes every call, customer and operator (40 operators, each in many
+    # snapshots), in its own order and batch size: the most conflicts one id list can make.
+    universe = [*(f"same-{n:04d}" for n in range(200)), "nf-same", "poison-same"]
+    procs = []
+    for n, batch_size in enumerate(("1", "2", "3", "5")):
+        ids = list(universe)
+        random.Random(100 + n).shuffle(ids)
+        procs.append(start_sync(write_ids(tmp_path / f"same-{n}.txt", ids), sim, pg_url,
+                                fast_config, "--batch-size", batch_size, "--concurrency", "8"))
+    results = finish(procs)
+
+    want = expected_warehouse(universe)
+    for code, stdout, stderr in results:
+        assert code == 1, stderr  # poison-same fails in every process
+        assert "deadlock" not in stderr.lower()
+        assert "retrying the batch" not in stderr
+        summary = json.loads(stdout)
+        assert (summary["loaded"], summary["failed"]) == (len(want.calls), 1)
+    got = stored_warehouse(pg_url)
+    assert lost_ids(want, got) == []
+    assert stale_entities(want, got) == []

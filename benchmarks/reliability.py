@@ -1,0 +1,799 @@
+"""Reliability report: inject faults, kills, terminated connections and concurrent runs into
+`etl sync`, then check every row. Writes docs/reliability.md.
+
+    uv run python benchmarks/reliability.py            # the default run, about 2 minutes
+    uv run python benchmarks/reliability.py --quick    # fewer ids and kills, under a minute
+    uv run python benchmarks/reliability.py --seed 7 --kills 20 --only kills,concurrent
+
+Scenarios (`--only`, comma-separated): faults (one run per fault kind the simulator injects:
+5xx bursts, 429 with Retry-After in seconds and as an HTTP date, connection resets, bodies
+cut short, answers slower than the timeout), bad-answers (404s, a persistently broken id,
+bodies that are not a call), random-faults (every request fails with probability 0.3),
+kills (SIGKILL at seeded random moments, run after run on one database), kills-in-batch
+(SIGKILL while a batch transaction is open, made certain by holding a lock the batch needs),
+terminated (pg_terminate_backend on the sync's sessions, between and inside batches),
+database-lost (every session terminated until the run stops with exit 3, then a rerun) and
+concurrent (several `etl sync` processes on overlapping ids at once, on an empty database).
+
+Every `etl sync` is a process of its own (`python -m etl sync --json`), against the simulator
+(`etl.simulator`) running in this process and the PostgreSQL of --pg-url, where each scenario
+gets a database `rel_<scenario>_<pid>`, dropped afterwards. What each scenario should leave is
+derived from what the simulator serves (its payloads through `etl.transform`; the newest
+snapshot of every customer and operator), not from another run, and compared with every row:
+
+- lost: ids whose call row is missing or differs, or whose status is not the expected one
+  (`loaded`, `not_found`, or `failed` for what can never load);
+- duplicated: rows beyond one per key, in every data and status table;
+- stale: customers, phone lists, operators and scenarios that are not the newest snapshot.
+
+The exit code is 1 when anything was lost, duplicated or stale, or a check failed (an exit
+code, an attempt limit, a Retry-After wait, a kill that missed the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the warehouse checks the test suite uses
+
+from helpers import (  # noqa: E402
+    Warehouse,
+    expected_warehouse,
+    lost_ids,
+    stale_entities,
+    stored_warehouse,
+)
+
+from etl.config import normalize_database_url  # noqa: E402
+from etl.simulator import (  # noqa: E402
+    _RANDOM_FAULTS,
+    DEFAULT_ACCESS_TOKEN,
+    DEFAULT_TENANT_ID,
+    Simulator,
+    payload_for,
+)
+
+SCENARIOS = ("faults", "bad-answers", "random-faults", "kills", "kills-in-batch", "terminated",
+             "database-lost", "concurrent")
+FAULT_KINDS = {
+    "e500": "HTTP 500 bursts",
+    "e502": "HTTP 502 bursts",
+    "e503": "HTTP 503 bursts",
+    "e429s": "HTTP 429, Retry-After in seconds",
+    "e429d": "HTTP 429, Retry-After as an HTTP date",
+    "reset": "connection reset (TCP RST)",
+    "cut": "body cut short",
+    "slow": "answer slower than the timeout",
+}
+BAD_ANSWERS = ("nf", "broken", "badjson", "wrongid", "nocallid", "array", "poison", "bigint")
+APP = "commubo-etl"
+MAX_ATTEMPTS = 4
+RETRY_AFTER_S = 2
+
+
+def log(message: str) -> None:
+    print(f"[{datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    scenario: str
+    injected: str
+    times: int
+    requested: int = 0
+    loaded: int = 0
+    failed_expected: int = 0
+    not_found: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    stale: int = 0
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    def check(self, ok: bool, problem: str) -> None:
+        if not ok:
+            self.problems.append(problem)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not (self.lost or self.duplicated or self.stale)
+
+
+def tally(result: Result, want: Warehouse, got: Warehouse, duplicated: int) -> Result:
+    """Fill the row counts of `result` from the expected and the stored warehouse."""
+    result.requested = len(want.statuses)
+    result.loaded = sum(1 for i, s in want.statuses.items()
+                        if s == "loaded" and got.statuses.get(i) == "loaded")
+    result.failed_expected = sum(1 for i, s in want.statuses.items()
+                                 if s == "failed" and got.statuses.get(i) == "failed")
+    result.not_found = sum(1 for i, s in want.statuses.items()
+                           if s == "not_found" and got.statuses.get(i) == "not_found")
+    lost = lost_ids(want, got)
+    stale = stale_entities(want, got)
+    result.lost, result.stale, result.duplicated = len(lost), len(stale), duplicated
+    if lost:
+        result.notes.append(f"lost ids (first 5): {', '.join(lost[:5])}")
+    if stale:
+        result.notes.append(f"stale (first 5): {', '.join(stale[:5])}")
+    return result
+
+
+# -- the machinery -----------------------------------------------------------------------------
+
+
+class TimedSimulator(Simulator):
+    """The simulator, also noting when each request for an id arrived."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.arrivals: dict[str, list[float]] = defaultdict(list)
+
+    def _count(self, call_id: str | None) -> int:
+        if call_id is not None:
+            self.arrivals[call_id].append(time.monotonic())
+        return super()._count(call_id)
+
+    def shortest_gap(self, ids: list[str]) -> float | None:
+        gaps = [b - a for i in ids for a, b in zip(self.arrivals[i], self.arrivals[i][1:],
+                                                   strict=False)]
+        return min(gaps) if gaps else None
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.server = normalize_database_url(args.pg_url)
+        self.results: list[Result] = []
+
+    # -- databases and processes ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def database(self, name: str) -> Iterator[str]:
+        """A fresh database for one scenario; yields its libpq URL."""
+        db = f"rel_{name.replace('-', '_')}_{os.getpid()}"
+        admin = self.libpq(self.server)
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{db}"')
+        try:
+            yield self.libpq(self.server.set(database=db))
+        finally:
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+    @staticmethod
+    def libpq(url) -> str:
+        return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    def config(self, name: str, **api: object) -> Path:
+        values = {"backoff_s": 0.01, "max_backoff_s": 0.05, "timeout_s": 5,
+                  "max_attempts": MAX_ATTEMPTS, "concurrency": 4, "retry_after_cap_s": 10,
+                  **api}
+        batch = values.pop("batch_size", 50)
+        path = self.workdir / f"{name}.toml"
+        path.write_text("[api]\n" + "".join(f"{k} = {v}\n" for k, v in values.items())
+                        + f"\n[sync]\nbatch_size = {batch}\n")
+        return path
+
+    def ids_file(self, name: str, ids: list[str]) -> Path:
+        path = self.workdir / f"{name}.txt"
+        path.write_text("\n".join(ids) + "\n")
+        return path
+
+    def start(self, api: Simulator, db: str, config: Path, ids: Path, *extra: str
+              ) -> subprocess.Popen[str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("COMMUBO_", "ETL_DATABASE_URL", "ETL_CONFIG"))}
+        env.update(COMMUBO_BASE_URL=api.url, COMMUBO_TENANT_ID=DEFAULT_TENANT_ID,
+                   COMMUBO_ACCESS_TOKEN=DEFAULT_ACCESS_TOKEN, ETL_DATABASE_URL=db)
+        return subprocess.Popen(
+            [sys.executable, "-m", "etl", "sync", "--config", str(config), "--ids-file",
+             str(ids), "--json", *extra],
+            env=env, cwd=self.workdir, text=True, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+
+    def run(self, api: Simulator, db: str, config: Path, ids: Path, *extra: str
+            ) -> tuple[int, str, str]:
+        proc = self.start(api, db, config, ids, *extra)
+        stdout, stderr = proc.communicate(timeout=600)
+        return proc.returncode, stdout, stderr
+
+    @staticmethod
+    def duplicated(db: str) -> int:
+        keys = {"calls": "call_id", "customers": "customer_id", "operators": "operator_id",
+                "scenarios": "scenario_id", "etl_call_status": "call_id",
+                "customer_phone_numbers": "(customer_id, position)"}
+        with psycopg.connect(db) as conn:
+            return sum(conn.execute(f"SELECT count(*) - count(DISTINCT {key}) FROM {table}"
+                                    ).fetchone()[0] for table, key in keys.items())
+
+    def judge(self, result: Result, db: str, call_ids: list[str], seed: int = 0,
+              failing: list[str] = ()) -> Result:
+        want = expected_warehouse(call_ids, seed, failing)
+        return tally(result, want, stored_warehouse(normalize_database_url(db)),
+                     self.duplicated(db))
+
+    def record(self, result: Result, started: float, finished: float | None = None) -> None:
+        result.duration_s = (finished or time.monotonic()) - started
+        self.results.append(result)
+        state = "ok" if result.ok else "PROBLEM: " + "; ".join(result.problems)
+        log(f"{result.scenario}: {result.times} x {result.injected}; lost {result.lost}, "
+            f"duplicated {result.duplicated}, stale {result.stale}; {state}")
+
+    # -- scenarios -----------------------------------------------------------------------------
+
+    def faults(self) -> None:
+        """One run per fault kind, all kinds at once (separate simulators and databases)."""
+        n = self.args.ids // 25
+        runs = []
+        with contextlib.ExitStack() as stack:
+            for kind in FAULT_KINDS:
+                started = time.monotonic()
+                sim = stack.enter_context(TimedSimulator(slow_s=1.5, retry_after_s=RETRY_AFTER_S,
+                                                         seed=self.args.seed))
+                db = stack.enter_context(self.database(f"faults_{kind}"))
+                bursts = [f"{kind}-{b}-b{j}" for b in range(1, MAX_ATTEMPTS) for j in range(3)]
+                endless = [f"{kind}-{MAX_ATTEMPTS}-z{j}" for j in range(3)]
+                ids = [*(f"fault{kind}-{i:05d}" for i in range(n)), *bursts, *endless]
+                random.Random(self.args.seed).shuffle(ids)
+                config = self.config(f"faults-{kind}", timeout_s=0.5)
+                proc = self.start(sim, db, config, self.ids_file(f"faults-{kind}", ids))
+                runs.append((kind, sim, db, ids, bursts, endless, proc, started))
+            # The runs go at once: collect each as it ends, so each row gets its own time.
+            with ThreadPoolExecutor(len(runs)) as pool:
+                ended = list(pool.map(_communicate, [run[6] for run in runs]))
+            for (kind, sim, db, ids, bursts, endless, proc, started), (stderr, finished) in zip(
+                    runs, ended, strict=True):
+                injected = sum(min(int(i.split("-")[1]), sim.requests_for(i))
+                               for i in (*bursts, *endless))
+                result = Result(f"fault: {kind}", FAULT_KINDS[kind], injected)
+                self.judge(result, db, ids, self.args.seed, failing=endless)
+                result.check(proc.returncode == 1, f"exit {proc.returncode}, expected 1")
+                result.check("Traceback" not in stderr, "a traceback on stderr")
+                over = [i for i in endless if sim.requests_for(i) != MAX_ATTEMPTS]
+                result.check(not over, f"attempt limit not kept for {over}")
+                result.notes.append(f"bursts of 1 to {MAX_ATTEMPTS - 1} faults loaded; "
+                                    f"{len(endless)} ids faulting {MAX_ATTEMPTS} times failed "
+                                    f"after exactly {MAX_ATTEMPTS} attempts; exit 1")
+                if kind.startswith("e429"):
+                    gap = sim.shortest_gap([*bursts, *endless])
+                    floor = RETRY_AFTER_S if kind == "e429s" else RETRY_AFTER_S - 1
+                    result.check(gap is not None and gap >= floor - 0.05,
+                                 f"a retry came {gap:.2f} s after a Retry-After of "
+                                 f"{RETRY_AFTER_S} s")
+                    result.notes.append(f"Retry-After {RETRY_AFTER_S} s: shortest wait between "
+                                        f"attempts {gap:.2f} s"
+                                        + (" (an HTTP date has whole seconds)"
+                                           if kind == "e429d" else ""))
+                self.record(result, started, finished)
+
+    def bad_answers(self) -> None:
+        started = time.monotonic()
+        bad = [f"{prefix}-{j}" for prefix in BAD_ANSWERS for j in range(5)]
+        ids = [*(f"bad-{i:05d}" for i in range(self.args.ids // 10)), *bad]
+        random.Random(self.args.seed).shuffle(ids)
+        with Simulator(seed=self.args.seed) as sim, self.database("bad_answers") as db:
+            code, _, stderr = self.run(sim, db, self.config("bad", batch_size=20),
+                                       self.ids_file("bad", ids))
+            result = Result("bad answers", "404, persistent 500, not JSON, wrong or no callId, "
+                            "array body, bad talkTime, int beyond int32",
+                            sum(sim.requests_for(i) for i in bad))
+            self.judge(result, db, ids, self.args.seed)
+        result.check(code == 1, f"exit {code}, expected 1")
+        result.check("Traceback" not in stderr, "a traceback on stderr")
+        result.notes.append("each bad record failed alone with its reason, its batch loaded; "
+                            "exit 1")
+        self.record(result, started)
+
+    def random_faults(self) -> None:
+        started = time.monotonic()
+        rate, seed, attempts = 0.3, self.args.seed, 10
+        ids = [f"rnd-{i:06d}" for i in range(self.args.ids * 2)]
+        # Ids whose first `attempts` requests all fault cannot load: the simulator's choice is
+        # a function of (seed, id, attempt), so they are known in advance.
+        failing = [i for i in ids if payload_for(i, seed) is not None
+                   and all(_fault(seed, i, a, rate) for a in range(attempts))]
+        with Simulator(fault_rate=rate, seed=seed, retry_after_s=0) as sim, \
+                self.database("random_faults") as db:
+            config = self.config("random", max_attempts=attempts, concurrency=8,
+                                 batch_size=100)
+            code, _, stderr = self.run(sim, db, config, self.ids_file("random", ids))
+            kinds: Counter[str] = Counter()
+            for i in ids:
+                if payload_for(i, seed) is not None:
+                    for a in range(sim.requests_for(i)):
+                        kinds[_fault(seed, i, a, rate) or "none"] += 1
+            kinds.pop("none", None)
+            result = Result("random faults", f"each request faulted with p = {rate}: "
+                            + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())),
+                            sum(kinds.values()))
+            self.judge(result, db, ids, seed, failing)
+        result.check(code == (1 if failing else 0), f"exit {code}")
+        result.check("Traceback" not in stderr, "a traceback on stderr")
+        result.notes.append(f"{attempts} attempts per id; {len(failing)} id(s) drew "
+                            f"{attempts} faults in a row and failed as expected; exit {code}")
+        self.record(result, started)
+
+    def kills(self) -> None:
+        """SIGKILL at seeded random moments, run after run on one database, then one run to
+        the end. Every other run is `--skip-loaded`."""
+        started = time.monotonic()
+        rng = random.Random(self.args.seed)
+        ids = [*(f"kill-{i:05d}" for i in range(self.args.ids)), "nf-kill", "poison-kill"]
+        moments: Counter[str] = Counter()
+        # 20 ms per answer and 2 at a time: a whole run takes ids / 100 seconds, longer than
+        # the 0.2 to 1.6 s a killed run lives, so each kill hits a running sync.
+        with Simulator(latency_ms=20, seed=self.args.seed) as sim, \
+                self.database("kills") as db, Watcher(db) as watcher:
+            config = self.config("kills", batch_size=20, concurrency=2)
+            path = self.ids_file("kills", ids)
+            landed, torn = 0, 0
+            for k in range(self.args.kills):
+                proc = self.start(sim, db, config, path, *(["--skip-loaded"] if k % 2 else []))
+                time.sleep(rng.uniform(0.2, 1.6))
+                if proc.poll() is not None:
+                    proc.communicate()
+                    log(f"kill {k}: the run had already ended")
+                    continue
+                moments[watcher.moment()] += 1
+                proc.send_signal(signal.SIGKILL)
+                proc.communicate()
+                landed += 1
+                torn += not watcher.batches_whole()
+            code, _, stderr = self.run(sim, db, config, path, "--skip-loaded")
+            result = Result("SIGKILL at random moments",
+                            "kill -9 of `etl sync`, then the next run (every other one "
+                            "--skip-loaded)", landed)
+            self.judge(result, db, ids, self.args.seed)
+        result.check(landed == self.args.kills, f"only {landed} kills hit a running sync")
+        result.check(torn == 0, f"{torn} kills left a call without its status or the reverse")
+        result.check(code == 1, f"final run exit {code}, expected 1 (poison-kill)")
+        result.notes.append("kills landed " + ", ".join(f"{n} {m}" for m, n in moments.items())
+                            + "; after each, every call row had its `loaded` status and no "
+                            "status lacked its row; the final run completed the work")
+        self.record(result, started)
+
+    def kills_in_batch(self) -> None:
+        started = time.monotonic()
+        ids = [*(f"kib-{i:05d}" for i in range(self.args.ids)), "nf-kib"]
+        with Simulator(latency_ms=5, seed=self.args.seed) as sim, \
+                self.database("kills_in_batch") as db, Watcher(db) as watcher:
+            config, path = self.config("kib", batch_size=20), self.ids_file("kib", ids)
+            landed, leaked = 0, 0
+            for _ in range(self.args.batch_kills):
+                outcome = self._kill_inside_a_batch(sim, db, config, path, watcher)
+                if outcome is None:
+                    break
+                landed += 1
+                leaked += outcome
+            code, _, _ = self.run(sim, db, config, path, "--skip-loaded")
+            result = Result("SIGKILL inside a batch transaction",
+                            "kill -9 while a batch had written customers and operators and "
+                            "waited at calls (a lock held by this script)", landed)
+            self.judge(result, db, ids, self.args.seed)
+        result.check(landed == self.args.batch_kills, f"only {landed} kills inside a batch")
+        result.check(leaked == 0, f"{leaked} killed batches left rows behind")
+        result.check(code == 0, f"final run exit {code}, expected 0")
+        result.notes.append("nothing of a killed batch stayed; the next run completed the work")
+        self.record(result, started)
+
+    def _kill_inside_a_batch(self, sim: Simulator, db: str, config: Path, path: Path,
+                             watcher: Watcher) -> bool | None:
+        """Start a sync, kill it inside its next batch; whether the batch left rows behind
+        (None: the run ended before it could be killed)."""
+        proc = self.start(sim, db, config, path, "--skip-loaded")
+        done = watcher.committed()
+        wait_for(lambda: watcher.committed() > done or proc.poll() is not None)
+        killed = False
+        with watcher.calls_locked():
+            before = watcher.committed()
+            wait_for(lambda: watcher.blocked_writers() or proc.poll() is not None)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                killed = True
+        proc.communicate()
+        if not killed:
+            return None
+        wait_for(lambda: not watcher.sessions())
+        return watcher.committed() != before or not watcher.batches_whole()
+
+    def terminated(self) -> None:
+        started = time.monotonic()
+        ids = [*(f"term-{i:05d}" for i in range(self.args.ids)), "nf-term", "poison-term"]
+        with Simulator(latency_ms=5, seed=self.args.seed) as sim, \
+                self.database("terminated") as db, Watcher(db) as watcher:
+            proc = self.start(sim, db, self.config("term", batch_size=20),
+                              self.ids_file("term", ids))
+            between, inside = 0, 0
+            for _ in range(self.args.terminations):
+                done = watcher.committed()
+                if not wait_for(lambda d=done: watcher.committed() > d or proc.poll() is not None):
+                    break
+                wait_for(lambda: watcher.idle_sessions() or proc.poll() is not None, 5)
+                between += sum(watcher.terminate(pid) for pid in watcher.idle_sessions())
+                with watcher.calls_locked():
+                    if wait_for(lambda: watcher.blocked_writers() or proc.poll() is not None):
+                        inside += sum(watcher.terminate(p) for p in watcher.blocked_writers())
+            stdout, stderr = proc.communicate(timeout=600)
+            summary = json.loads(stdout)
+            counted = watcher.run_counts(summary["run_id"])
+            result = Result("connections terminated",
+                            "pg_terminate_backend of etl's sessions: idle between batches "
+                            f"({between}) and inside a batch ({inside})", between + inside)
+            self.judge(result, db, ids, self.args.seed)
+        result.check(inside == self.args.terminations,
+                     f"only {inside} terminations inside a batch")
+        result.check(proc.returncode == 1, f"exit {proc.returncode}, expected 1 (poison-term)")
+        result.check(counted == (summary["loaded"], summary["not_found"], summary["failed"]),
+                     f"run counters {counted} differ from the summary")
+        result.notes.append(f"the run went on by itself ({stderr.count('retrying the batch')} "
+                            "batches written again) and its counters match its rows")
+        self.record(result, started)
+
+    def database_lost(self) -> None:
+        started = time.monotonic()
+        ids = [*(f"lost-{i:05d}" for i in range(self.args.ids)), "nf-lost"]
+        with Simulator(latency_ms=5, seed=self.args.seed) as sim, \
+                self.database("database_lost") as db, Watcher(db) as watcher:
+            config, path = self.config("lost", batch_size=20), self.ids_file("lost", ids)
+            proc = self.start(sim, db, config, path)
+            terminations = 0
+            wait_for(lambda: watcher.committed() > 0 or proc.poll() is not None)
+            with watcher.calls_locked():
+                deadline = time.monotonic() + 120
+                while proc.poll() is None and time.monotonic() < deadline:
+                    terminations += sum(watcher.terminate(p) for p in watcher.blocked_writers())
+                    time.sleep(0.01)
+            _, stderr = proc.communicate(timeout=60)
+            whole = watcher.batches_whole()
+            code, _, _ = self.run(sim, db, config, path, "--skip-loaded")
+            result = Result("database lost for good",
+                            "every attempt at a batch terminated until etl gave up",
+                            terminations)
+            self.judge(result, db, ids, self.args.seed)
+        line = next((x for x in stderr.splitlines() if x.startswith("etl: error:")), "")
+        result.check(proc.returncode == 3, f"exit {proc.returncode}, expected 3")
+        result.check("failed 4 times writing a batch" in line, f"message: {line!r}")
+        result.check(whole, "the stopped run left a call without its status or the reverse")
+        result.check(code == 0, f"rerun exit {code}, expected 0")
+        result.notes.append(f"the run stopped with exit 3 and one line (`{line}`); the rerun "
+                            "with --skip-loaded completed the work")
+        self.record(result, started)
+
+    def concurrent(self) -> None:
+        started = time.monotonic()
+        rng = random.Random(self.args.seed)
+        universe = [f"conc-{i:05d}" for i in range(self.args.ids)]
+        slices = []
+        for _ in range(self.args.processes):
+            ids = rng.sample(universe, k=int(0.6 * len(universe))) + ["nf-conc"]
+            slices.append(ids)
+        with Simulator(seed=self.args.seed) as sim, self.database("concurrent") as db:
+            procs = [self.start(sim, db, self.config(f"conc-{n}", concurrency=8),
+                                self.ids_file(f"conc-{n}", ids), "--batch-size",
+                                str((1, 2, 3, 5)[n % 4]))
+                     for n, ids in enumerate(slices)]
+            outs = [p.communicate(timeout=600) for p in procs]
+            requested = sorted({i for ids in slices for i in ids})
+            result = Result("concurrent syncs",
+                            f"{self.args.processes} `etl sync` at once on an empty database, "
+                            "overlapping shuffled ids, batches of 1 to 5", self.args.processes)
+            self.judge(result, db, requested, self.args.seed)
+        codes = [p.returncode for p in procs]
+        errors = sum(err.lower().count("deadlock") + err.count("retrying the batch")
+                     for _, err in outs)
+        result.check(codes == [0] * len(procs), f"exit codes {codes}")
+        result.check(errors == 0, f"{errors} deadlocks or retried batches")
+        result.notes.append("every process exit 0; no deadlock, no batch retried; the newest "
+                            "snapshot of every customer and operator won")
+        self.record(result, started)
+
+
+def _communicate(proc: subprocess.Popen[str]) -> tuple[str, float]:
+    """Wait for a process; its stderr and when it ended."""
+    _, stderr = proc.communicate(timeout=600)
+    return stderr, time.monotonic()
+
+
+def _fault(seed: int, call_id: str, attempt: int, rate: float) -> str | None:
+    """The simulator's draw for an ordinary id's request (see etl/simulator.py)."""
+    rng = random.Random(f"{seed}:{call_id}:{attempt}")
+    return rng.choice(_RANDOM_FAULTS) if rng.random() < rate else None
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float = 60) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+class Watcher:
+    """An autocommit session beside the syncs of one database."""
+
+    def __init__(self, db: str) -> None:
+        self.db = db
+
+    def __enter__(self) -> Watcher:
+        self.conn = psycopg.connect(self.db, autocommit=True)
+        self.name = self.conn.info.dbname
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.conn.close()
+
+    def committed(self) -> int:
+        if not self.conn.execute("SELECT to_regclass('etl_call_status')").fetchone()[0]:
+            return 0
+        return self.conn.execute("SELECT count(*) FROM etl_call_status").fetchone()[0]
+
+    def sessions(self) -> list[tuple[int, str, str | None, bool]]:
+        return self.conn.execute(
+            "SELECT pid, state, wait_event_type, backend_xid IS NOT NULL FROM pg_stat_activity "
+            "WHERE datname = %s AND application_name = %s", (self.name, APP)).fetchall()
+
+    def moment(self) -> str:
+        sessions = self.sessions()
+        if not sessions:
+            return "before any database session"
+        if any(wrote or state != "idle" for _, state, _, wrote in sessions):
+            return "with a statement or transaction open"
+        return "between batches"
+
+    def blocked_writers(self) -> list[int]:
+        return [pid for pid, _, wait, wrote in self.sessions() if wait == "Lock" and wrote]
+
+    def idle_sessions(self) -> list[int]:
+        return [pid for pid, state, _, _ in self.sessions() if state == "idle"]
+
+    def terminate(self, pid: int) -> bool:
+        return self.conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+
+    def batches_whole(self) -> bool:
+        if not self.conn.execute("SELECT to_regclass('calls')").fetchone()[0]:
+            return True
+        return self.conn.execute(
+            "SELECT NOT EXISTS (SELECT call_id FROM calls EXCEPT SELECT call_id FROM "
+            "etl_call_status WHERE status = 'loaded') AND NOT EXISTS (SELECT call_id FROM "
+            "etl_call_status WHERE status = 'loaded' EXCEPT SELECT call_id FROM calls)"
+        ).fetchone()[0]
+
+    def run_counts(self, run_id: str) -> tuple[int, int, int]:
+        return tuple(self.conn.execute("SELECT loaded, not_found, failed FROM etl_runs WHERE "
+                                       "run_id = %s", (run_id,)).fetchone())
+
+    @contextlib.contextmanager
+    def calls_locked(self) -> Iterator[None]:
+        """A batch then writes scenarios, customers, phone numbers and operators and waits
+        at its insert into calls, its transaction open."""
+        with psycopg.connect(self.db) as lock:
+            lock.execute("LOCK TABLE calls IN EXCLUSIVE MODE")
+            try:
+                yield
+            finally:
+                lock.rollback()
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def machine(pg_url: str) -> dict[str, str]:
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    memory = "?"
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    with psycopg.connect(pg_url, connect_timeout=10) as conn:
+        pg = conn.execute("SHOW server_version").fetchone()[0]
+    shown = normalize_database_url(pg_url).render_as_string(hide_password=True)
+    return {
+        "CPUs": f"{os.cpu_count()} x {model}",
+        "memory": memory,
+        "OS": f"{platform.system()} {platform.release()}",
+        "Python": f"{platform.python_implementation()} {platform.python_version()}",
+        "PostgreSQL": f"{pg} ({shown.replace('postgresql+psycopg', 'postgresql')})",
+        "commubo-etl": f"{importlib.metadata.version('commubo-etl')}, {_git()}",
+    }
+
+
+def _git() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
+                                capture_output=True, text=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--", "etl"], cwd=ROOT,
+                                 check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    n = len(changed.splitlines())
+    return f"commit {commit}" + (f", {n} file(s) under etl/ changed since" if n else "")
+
+
+def render(results: list[Result], info: dict[str, str], args: argparse.Namespace,
+           command: str, took_s: float) -> str:
+    lost = sum(r.lost for r in results)
+    duplicated = sum(r.duplicated for r in results)
+    stale = sum(r.stale for r in results)
+    problems = [f"{r.scenario}: {p}" for r in results for p in r.problems]
+    verdict = ("**Nothing was lost, duplicated or left stale, and every check held.**"
+               if not (lost or duplicated or stale or problems) else
+               f"**FAILED: {lost} lost, {duplicated} duplicated, {stale} stale, "
+               f"{len(problems)} failed check(s).**")
+    out = [
+        "# Reliability report",
+        "",
+        "Written by `benchmarks/reliability.py`; do not edit by hand, run it again. What each "
+        "scenario injects and how every row is checked: [method](#method).",
+        "",
+        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, took {took_s / 60:.1f} min",
+        f"- command: `{command}`",
+        f"- seed {args.seed}; --ids {args.ids} (random faults: {2 * args.ids:,}; each fault "
+        f"kind: {args.ids // 25} ordinary ids and 12 scripted ones; bad answers: "
+        f"{args.ids // 10} ordinary ids and 40 bad ones), {args.kills} random kills, "
+        f"{args.batch_kills} kills inside a batch, {args.terminations} terminations between "
+        f"and {args.terminations} inside batches, {args.processes} concurrent processes",
+        *(f"- {k}: {v}" for k, v in info.items()),
+        "",
+        verdict,
+        "",
+        "| scenario | what was injected | times | ids requested | loaded | failed as "
+        "expected | not found | lost | duplicated | stale snapshots |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        out.append(f"| {r.scenario} | {r.injected} | {r.times:,} | {r.requested:,} | "
+                   f"{r.loaded:,} | {r.failed_expected:,} | {r.not_found:,} | "
+                   f"{_mark(r.lost)} | {_mark(r.duplicated)} | {_mark(r.stale)} |")
+    out.append(f"| **total** | | {sum(r.times for r in results):,} | "
+               f"{sum(r.requested for r in results):,} | {sum(r.loaded for r in results):,} | "
+               f"{sum(r.failed_expected for r in results):,} | "
+               f"{sum(r.not_found for r in results):,} | {_mark(lost)} | "
+               f"{_mark(duplicated)} | {_mark(stale)} |")
+    out += ["", "## Checks beyond the rows", ""]
+    for r in results:
+        checks = "; ".join(r.notes)
+        state = "held" if not r.problems else "**FAILED: " + "; ".join(r.problems) + "**"
+        out.append(f"- **{r.scenario}** ({r.duration_s:.0f} s): {checks}. Checks {state}.")
+    out += ["", "## Method", "", *METHOD]
+    return "\n".join(out) + "\n"
+
+
+def _mark(n: int) -> str:
+    return str(n) if n == 0 else f"**{n}**"
+
+
+METHOD = [
+    "Every `etl sync` runs as a process of its own (`python -m etl sync --json`) against the "
+    "simulator (`etl/simulator.py`, in the script's process, on 127.0.0.1) and a database of "
+    "its own on the local PostgreSQL, created for the scenario and dropped after it.",
+    "",
+    "What a scenario should leave is derived from what the simulator serves, not from "
+    "another run: every servable call through `etl.transform`, the newest snapshot of every "
+    "customer and operator (and the phone numbers of that snapshot), `not_found` for 404s, "
+    "`failed` for what can never load (a persistent 500, bodies that are not a call, values "
+    "the columns cannot hold, ids whose faults outlast the attempts). Then every row is read "
+    "back (`tests/helpers.py`: `expected_warehouse`, `stored_warehouse`, `lost_ids`, "
+    "`stale_entities`, the same checks the test suite uses):",
+    "",
+    "- **times**: faults the simulator actually served (counted per request), kills that hit "
+    "a running sync, sessions terminated, processes started;",
+    "- **loaded / failed as expected / not found**: ids whose status is the expected one;",
+    "- **lost**: ids whose call row is missing or differs in any column (`fetched_at` and "
+    "`run_id` aside), or whose status is not the expected one;",
+    "- **duplicated**: rows beyond one per key in `calls`, `customers`, "
+    "`customer_phone_numbers`, `operators`, `scenarios` and `etl_call_status`;",
+    "- **stale snapshots**: customers, phone lists, operators and scenarios that differ from "
+    "the newest snapshot served.",
+    "",
+    "Scenarios:",
+    "",
+    "- **fault: KIND** — ordinary ids plus scripted ones whose first 1, 2 or 3 requests fail "
+    f"with KIND (they must load) and ids failing {MAX_ATTEMPTS} times (they must fail after "
+    f"exactly {MAX_ATTEMPTS} attempts, the configured limit); 429s carry a Retry-After of "
+    f"{RETRY_AFTER_S} s, and the simulator's clock of each request shows the wait was kept; "
+    "`slow` answers after 1.5 s with a 0.5 s timeout.",
+    "- **bad answers** — 404s, a persistently broken id, bodies that are not JSON or not an "
+    "object, a wrong or missing callId, a talkTime that is no number or beyond int32.",
+    "- **random faults** — every request for an ordinary id fails with probability 0.3 (500, "
+    "502, 503, 429 in seconds or as a date, reset, cut); the draw is a function of (seed, "
+    "id, attempt), so the ids that draw a fault on every attempt are known before the run.",
+    "- **SIGKILL at random moments** — one database; `etl sync` is started and killed with "
+    "SIGKILL after a seeded random delay, again and again (every other run with "
+    "`--skip-loaded`), then run to the end. Where each kill landed is read from "
+    "`pg_stat_activity` just before it; after each kill, every call row must have its "
+    "`loaded` status and the reverse (one transaction per batch).",
+    "- **SIGKILL inside a batch transaction** — the script holds `LOCK TABLE calls IN "
+    "EXCLUSIVE MODE`; the next batch writes scenarios, customers, phone numbers and operators "
+    "and waits at calls; the sync is killed once PostgreSQL shows it waiting with rows "
+    "written. Nothing of that batch may stay.",
+    "- **connections terminated** — during one run, `pg_terminate_backend` on etl's idle "
+    "pooled sessions between batches and on its session inside a batch (held by the lock as "
+    "above). The run must go on by itself, and its counters in `etl_runs` must match its rows "
+    "(a batch written again is counted once).",
+    "- **database lost for good** — every attempt at a batch is terminated until etl stops "
+    "with exit 3 and one line; the same command with `--skip-loaded` then completes.",
+    "- **concurrent syncs** — several processes at once on an empty database (so the schema "
+    "upgrade races too), each with a shuffled 60% of the ids and a batch size of 1 to 5: "
+    "every customer and operator is written by several processes in different orders.",
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pg-url", default=os.environ.get(
+        "ETL_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+        help="a PostgreSQL database on a server where rel_* databases may be created")
+    parser.add_argument("--seed", type=int, default=20261125)
+    parser.add_argument("--ids", type=int, default=1000, help="ids per scenario")
+    parser.add_argument("--kills", type=int, default=10, help="random SIGKILLs")
+    parser.add_argument("--batch-kills", type=int, default=3, help="SIGKILLs inside a batch")
+    parser.add_argument("--terminations", type=int, default=5,
+                        help="terminations between and inside batches, each")
+    parser.add_argument("--processes", type=int, default=4, help="concurrent syncs")
+    parser.add_argument("--only", default=",".join(SCENARIOS),
+                        help=f"comma-separated, of: {', '.join(SCENARIOS)}")
+    parser.add_argument("--quick", action="store_true",
+                        help="300 ids, 4 kills, 2 in a batch, 2 terminations, 3 processes")
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "reliability.md")
+    args = parser.parse_args()
+    if args.quick:
+        args.ids, args.kills, args.batch_kills = 300, 4, 2
+        args.terminations, args.processes = 2, 3
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(chosen) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+
+    command = "uv run python benchmarks/reliability.py" + "".join(
+        f" {shlex.quote(a)}" for a in sys.argv[1:])
+    started = time.monotonic()
+    pg = Bench.libpq(normalize_database_url(args.pg_url))
+    info = machine(pg)
+    with tempfile.TemporaryDirectory(prefix="etl-reliability-") as tmp:
+        bench = Bench(args, Path(tmp))
+        for name in chosen:
+            log(f"scenario {name}")
+            getattr(bench, name.replace("-", "_"))()
+    report = render(bench.results, info, args, command, time.monotonic() - started)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(report)
+    log(f"wrote {args.output}")
+    print(report)
+    return 0 if all(r.ok for r in bench.results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
