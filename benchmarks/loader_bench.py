@@ -40,8 +40,10 @@ def _outcomes(n: int, now: datetime) -> list[Outcome]:
         i += 1
         payload = payload_for(call_id)
         if payload is not None:
-            out.append(Outcome(call_id, OK, payload=payload, http_status=200, attempts=1,
-                               fetched_at=now))
+            # As the extractor hands them over: the parsed payload and the body it came from.
+            body = json.dumps(payload, ensure_ascii=False).encode()
+            out.append(Outcome(call_id, OK, payload=json.loads(body), http_status=200,
+                               attempts=1, fetched_at=now, body=body))
     return out
 
 

@@ -37,7 +37,6 @@ import contextlib
 import importlib.metadata
 import json
 import os
-import platform
 import random
 import shlex
 import signal
@@ -64,6 +63,7 @@ from helpers import (  # noqa: E402
     stale_entities,
     stored_warehouse,
 )
+from machine import facts, git_state  # noqa: E402
 
 from etl.config import normalize_database_url  # noqa: E402
 from etl.simulator import (  # noqa: E402
@@ -606,41 +606,11 @@ class Watcher:
 
 
 def machine(pg_url: str) -> dict[str, str]:
-    model = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    memory = "?"
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    with psycopg.connect(pg_url, connect_timeout=10) as conn:
-        pg = conn.execute("SHOW server_version").fetchone()[0]
+    info = facts(pg_url)
     shown = normalize_database_url(pg_url).render_as_string(hide_password=True)
-    return {
-        "CPUs": f"{os.cpu_count()} x {model}",
-        "memory": memory,
-        "OS": f"{platform.system()} {platform.release()}",
-        "Python": f"{platform.python_implementation()} {platform.python_version()}",
-        "PostgreSQL": f"{pg} ({shown.replace('postgresql+psycopg', 'postgresql')})",
-        "commubo-etl": f"{importlib.metadata.version('commubo-etl')}, {_git()}",
-    }
-
-
-def _git() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
-                                capture_output=True, text=True).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--", "etl"], cwd=ROOT,
-                                 check=True, capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "not a git checkout"
-    n = len(changed.splitlines())
-    return f"commit {commit}" + (f", {n} file(s) under etl/ changed since" if n else "")
-
+    info["PostgreSQL"] += f" ({shown.replace('postgresql+psycopg', 'postgresql')})"
+    info["commubo-etl"] = f"{importlib.metadata.version('commubo-etl')}, {git_state()}"
+    return info
 
 def render(results: list[Result], info: dict[str, str], args: argparse.Namespace,
            command: str, took_s: float) -> str:

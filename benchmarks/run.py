@@ -37,7 +37,6 @@ import importlib.util
 import itertools
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -58,6 +57,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+from machine import facts, git_state
 
 from etl.simulator import DEFAULT_ACCESS_TOKEN, DEFAULT_TENANT_ID, payload_for
 
@@ -732,49 +732,17 @@ def _render(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def machine(pg_url: str) -> dict[str, str]:
-    model = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem = "?"
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    with psycopg.connect(pg_url, connect_timeout=10) as conn:
-        pg = conn.execute("SHOW server_version").fetchone()[0]
-    info = {
-        "CPUs": f"{os.cpu_count()} x {model}",
-        "memory": mem,
-        "OS": f"{platform.system()} {platform.release()}",
-        "Python": f"{platform.python_implementation()} {platform.python_version()}",
-        "PostgreSQL": f"{pg} (local, {_redact(pg_url)})",
-        "dlt": _version("dlt"),
-        "commubo-etl": f"{_version('commubo-etl')}, {_git()}",
-    }
+    info = facts(pg_url)
+    info["PostgreSQL"] = f"{info['PostgreSQL']} (local, {_redact(pg_url)})"
+    info["dlt"] = _version("dlt")
+    info["commubo-etl"] = f"{_version('commubo-etl')}, {git_state()}"
     return info
-
 
 def _version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-def _git() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
-                              capture_output=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "etl"], cwd=REPO,
-                               text=True, capture_output=True, timeout=10).stdout.split("\n")
-    except (OSError, subprocess.SubprocessError):
-        return "git unknown"
-    changed = [line for line in dirty if line.strip()]
-    tree = f", {len(changed)} file(s) under etl/ changed since" if changed else ""
-    return f"commit {head}{tree}"
 
 
 def _redact(url: str) -> str:

@@ -114,7 +114,7 @@ def run_sync(
             db.upgrade(engine)
         if retry_failed:
             known = set(ids)
-            ids += [i for i in runs.all_ids_with_status(engine, "failed") if i not in known]
+            ids = ids + [i for i in runs.all_ids_with_status(engine, "failed") if i not in known]
         todo = ids
         if skip_loaded:
             done = runs.ids_with_status(engine, LOADED, ids)
@@ -143,7 +143,11 @@ def run_sync(
 
 
 def _checked(ids: Iterable[str]) -> list[str]:
-    unique = list(dict.fromkeys(ids))
+    if not isinstance(ids, list):
+        ids = list(ids)
+    # A list that is already unique (as read_ids returns) is used as is: a copy would double
+    # the memory the ids take for the whole run.
+    unique = ids if len(set(ids)) == len(ids) else list(dict.fromkeys(ids))
     bad = [i for i in unique if not isinstance(i, str) or not is_valid_call_id(i)]
     if bad:
         shown = ", ".join(repr(b)[:70] for b in bad[:5])
