@@ -35,8 +35,8 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _settings(ctx: click.Context, **overrides: Any) -> Settings:
-    return load_settings(ctx.obj.get("config"), overrides)
+def _settings(config: str | None, **overrides: Any) -> Settings:
+    return load_settings(config, overrides)
 
 
 def config_option(f: Callable) -> Callable:
@@ -53,11 +53,9 @@ def db_url_option(f: Callable) -> Callable:
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
 @click.version_option(package_name="commubo-etl")
-@click.pass_context
-def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+def cli(verbose: int, quiet: bool) -> None:
     """Sync commubo connect call history into a PostgreSQL (or SQLite) warehouse."""
     _setup_logging(verbose, quiet)
-    ctx.ensure_object(dict)
 
 
 @cli.command()
@@ -90,8 +88,7 @@ def sync(ctx: click.Context, ids_file: str | None, config: str | None, db_url: s
     from .progress import for_stream
     from .sync import run_sync
 
-    ctx.obj["config"] = config
-    settings = _settings(ctx, database_url=db_url, base_url=base_url, concurrency=concurrency,
+    settings = _settings(config, database_url=db_url, base_url=base_url, concurrency=concurrency,
                          batch_size=batch_size, max_requests_per_s=max_rps)
     if ids_file is None and not retry_failed:
         raise InputError("give --ids-file PATH (or - for standard input), or --retry-failed")
@@ -131,11 +128,9 @@ def db_group() -> None:
 @db_group.command("upgrade")
 @config_option
 @db_url_option
-@click.pass_context
-def db_upgrade(ctx: click.Context, config: str | None, db_url: str | None) -> None:
+def db_upgrade(config: str | None, db_url: str | None) -> None:
     """Upgrade the schema to the newest migration."""
-    ctx.obj["config"] = config
-    settings = _settings(ctx, database_url=db_url)
+    settings = _settings(config, database_url=db_url)
     engine = db.make_engine(settings.database_url)
     try:
         before, after = db.upgrade(engine)
@@ -151,11 +146,9 @@ def db_upgrade(ctx: click.Context, config: str | None, db_url: str | None) -> No
 @db_group.command("current")
 @config_option
 @db_url_option
-@click.pass_context
-def db_current(ctx: click.Context, config: str | None, db_url: str | None) -> None:
+def db_current(config: str | None, db_url: str | None) -> None:
     """Show the schema revision of the database and whether it is the newest."""
-    ctx.obj["config"] = config
-    settings = _settings(ctx, database_url=db_url)
+    settings = _settings(config, database_url=db_url)
     engine = db.make_engine(settings.database_url)
     try:
         with db.connect(engine) as conn:
@@ -167,10 +160,9 @@ def db_current(ctx: click.Context, config: str | None, db_url: str | None) -> No
     click.echo(f"{current or '(none)'} {state}")
 
 
-def _query_engine(ctx: click.Context, config: str | None, db_url: str | None) -> Engine:
+def _query_engine(config: str | None, db_url: str | None) -> Engine:
     """An engine for read-only commands, checked to hold etl's schema."""
-    ctx.obj["config"] = config
-    settings = _settings(ctx, database_url=db_url)
+    settings = _settings(config, database_url=db_url)
     engine = db.make_engine(settings.database_url)
     with db.connect(engine) as conn:
         if db.current_revision(conn) is None:
@@ -206,11 +198,10 @@ def _json_rows(rows: list[dict[str, Any]]) -> None:
 @db_url_option
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the runs as a JSON array.")
-@click.pass_context
-def runs_cmd(ctx: click.Context, config: str | None, db_url: str | None, limit: int,
+def runs_cmd(config: str | None, db_url: str | None, limit: int,
              as_json: bool) -> None:
     """Recent runs with their counts, newest first."""
-    engine = _query_engine(ctx, config, db_url)
+    engine = _query_engine(config, db_url)
     try:
         rows = runs.recent_runs(engine, limit)
     finally:
@@ -230,11 +221,10 @@ def runs_cmd(ctx: click.Context, config: str | None, db_url: str | None, limit: 
 @click.option("--run", "run_id", help="Only the ids whose last attempt was in this run.")
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print the failures as a JSON array.")
-@click.pass_context
-def failures(ctx: click.Context, config: str | None, db_url: str | None, run_id: str | None,
+def failures(config: str | None, db_url: str | None, run_id: str | None,
              limit: int | None, as_json: bool) -> None:
     """Ids whose last status is failed, and why."""
-    engine = _query_engine(ctx, config, db_url)
+    engine = _query_engine(config, db_url)
     try:
         if run_id and not runs.run_exists(engine, run_id):
             raise InputError(f"no run {run_id!r}: see etl runs")
@@ -281,13 +271,11 @@ def simulate(port: int, latency_ms: float, fault_rate: float, seed: int,
 @db_url_option
 @click.option("--calls", type=click.IntRange(min=1, max=1_000_000), default=500,
               show_default=True, help="How many simulated calls to sync.")
-@click.pass_context
-def demo(ctx: click.Context, config: str | None, db_url: str | None, calls: int) -> None:
+def demo(config: str | None, db_url: str | None, calls: int) -> None:
     """Sync simulated calls into the configured database and show a first query."""
     from .demo import run_demo
 
-    ctx.obj["config"] = config
-    settings = _settings(ctx, database_url=db_url)
+    settings = _settings(config, database_url=db_url)
     run_demo(settings, calls, click.echo)
 
 
