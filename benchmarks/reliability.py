@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the warehouse checks the test suite uses
 
 from helpers import (  # noqa: E402
+    TimedSimulator,
     Warehouse,
     expected_warehouse,
     lost_ids,
@@ -146,22 +147,6 @@ def tally(result: Result, want: Warehouse, got: Warehouse, duplicated: int) -> R
 # -- the machinery -----------------------------------------------------------------------------
 
 
-class TimedSimulator(Simulator):
-    """The simulator, also noting when each request for an id arrived."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.arrivals: dict[str, list[float]] = defaultdict(list)
-
-    def _count(self, call_id: str | None) -> int:
-        if call_id is not None:
-            self.arrivals[call_id].append(time.monotonic())
-        return super()._count(call_id)
-
-    def shortest_gap(self, ids: list[str]) -> float | None:
-        gaps = [b - a for i in ids for a, b in zip(self.arrivals[i], self.arrivals[i][1:],
-                                                   strict=False)]
-        return min(gaps) if gaps else None
 
 
 class Bench:

@@ -71,7 +71,6 @@ class _Item:
     http_status: int | None
     error: str | None
     attempts: int
-    raw_text: str | None = None  # the body as received, for `calls.raw`, when it is usable as is
 
 
 class _RowRejected(Exception):
@@ -101,14 +100,18 @@ class Loader:
     def _prepare(self, o: Outcome, now: datetime) -> _Item:
         if o.status != OK:
             return _Item(o.call_id, o.status, None, o.http_status, o.error, o.attempts)
-        nul_free, raw_text = _body_text(o.body, self._postgres)
+        body_text = _nul_free_text(o.body)
         try:
             rows = transform(o.payload, call_id=o.call_id, fetched_at=o.fetched_at or now,
-                             run_id=self.run_id, nul_free=nul_free)
+                             run_id=self.run_id, nul_free=body_text is not None)
         except PayloadError as exc:
             return _Item(o.call_id, FAILED, None, o.http_status, f"bad payload: {exc}",
                          o.attempts)
-        return _Item(o.call_id, LOADED, rows, o.http_status, None, o.attempts, raw_text)
+        if self._postgres:
+            # `raw` is staged as JSON text: the body exactly as received when it is usable as
+            # is, else the (U+0000-stripped) payload serialised again.
+            rows.call["raw"] = body_text if body_text is not None else _json(rows.call["raw"])
+        return _Item(o.call_id, LOADED, rows, o.http_status, None, o.attempts)
 
     # -- isolating bad rows --------------------------------------------------------------------
 
@@ -214,12 +217,8 @@ class Loader:
             self._execute(conn, operators, "operator_id", "newest",
                           [operator_rows[k] for k in sorted(operator_rows)])
         if call_rows:
-            ordered_calls = [call_rows[k] for k in sorted(call_rows)]
-            if self._postgres:
-                texts = {i.call_id: i.raw_text for i in items if i.raw_text is not None}
-                ordered_calls = [{**c, "raw": texts.get(c["call_id"]) or _json(c["raw"])}
-                                 for c in ordered_calls]
-            self._execute(conn, calls, "call_id", "update", ordered_calls)
+            self._execute(conn, calls, "call_id", "update",
+                          [call_rows[k] for k in sorted(call_rows)])
 
         now = datetime.now(UTC)
         statuses = {i.call_id: {"call_id": i.call_id, "status": i.status,
@@ -301,20 +300,20 @@ class Loader:
         ).returning(table.c[key])
 
 
-def _body_text(body: bytes | None, keep: bool) -> tuple[bool, str | None]:
-    """(nul_free, raw_text) for a response body. JSON can carry U+0000 only as the escape
-    \\u0000, so a UTF-8 body without it needs no stripping and, when `keep`, can be stored as
-    `raw` exactly as received instead of serialising the payload again. Bodies in another
-    encoding or with a byte-order mark (json.loads accepts both) take the slow path."""
+def _nul_free_text(body: bytes | None) -> str | None:
+    """The response body as text when it holds no U+0000, else None. JSON can carry U+0000
+    only as the escape \\u0000, so such a UTF-8 body needs no stripping and can be stored as
+    `raw` exactly as received. Bodies in another encoding or with a byte-order mark (json.loads
+    accepts both) return None and take the slow path."""
     if body is None:
-        return False, None
+        return None
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
-        return False, None
+        return None
     if text.startswith("\ufeff") or "\\u0000" in text:
-        return False, None
-    return True, (text if keep else None)
+        return None
+    return text
 
 
 def _json(value: Any) -> str:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -192,3 +194,25 @@ def _aware(row: Any) -> dict[str, Any]:
     """A row as a dict, SQLite's naive datetimes made UTC."""
     return {k: (v.replace(tzinfo=UTC) if isinstance(v, datetime) and v.tzinfo is None else v)
             for k, v in dict(row).items()}
+
+
+class TimedSimulator(Simulator):
+    """The simulator, also noting when each request for an id arrived (to measure the waits
+    between retries)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.arrivals: dict[str, list[float]] = defaultdict(list)
+
+    def _count(self, call_id: str | None) -> int:
+        if call_id is not None:
+            self.arrivals[call_id].append(time.monotonic())
+        return super()._count(call_id)
+
+    def gaps(self, call_id: str) -> list[float]:
+        times = self.arrivals[call_id]
+        return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+    def shortest_gap(self, ids: list[str]) -> float | None:
+        gaps = [gap for i in ids for gap in self.gaps(i)]
+        return min(gaps) if gaps else None

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import random
-import time
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import (
+    TimedSimulator,
     etl_env,
     expected_warehouse,
     lost_ids,
@@ -46,21 +45,6 @@ FAULTS = {
 ATTEMPTS = 3
 
 
-class TimedSimulator(Simulator):
-    """The simulator, also noting when each request for an id arrived."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.arrivals: dict[str, list[float]] = defaultdict(list)
-
-    def _count(self, call_id: str | None) -> int:
-        if call_id is not None:
-            self.arrivals[call_id].append(time.monotonic())
-        return super()._count(call_id)
-
-    def gaps(self, call_id: str) -> list[float]:
-        times = self.arrivals[call_id]
-        return [b - a for a, b in zip(times, times[1:], strict=False)]
 
 
 @pytest.fixture
