@@ -26,10 +26,27 @@ from .ids import read_ids, select_shard
 log = logging.getLogger("etl")
 
 
+class _OneLineFormatter(logging.Formatter):
+    """Log records whose exception is shown as one line, not a traceback: libraries log some
+    (SQLAlchemy's pool after an interrupted query, say), and stderr gets no tracebacks, which
+    could also carry values. ETL_DEBUG=1 shows them whole."""
+
+    def formatException(self, ei) -> str:  # noqa: N802 - logging's name
+        exc = ei[1]
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return f"  ({type(exc).__name__}{': ' + first if first else ''})"
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802 - logging's name
+        return ""
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt) if os.environ.get("ETL_DEBUG")
+                         else _OneLineFormatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler])
     if verbose < 2:
         for noisy in ("urllib3", "alembic"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

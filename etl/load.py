@@ -146,6 +146,7 @@ class Loader:
             except (DataError, IntegrityError) as exc:
                 raise _RowRejected(describe_db_error(exc, self.engine.url)) from None
             except (OperationalError, InterfaceError) as exc:
+                _reraise_interrupt(exc)
                 reason = describe_db_error(exc, self.engine.url)
                 if (getattr(exc.orig, "sqlstate", None) or "").startswith("54"):
                     # program_limit_exceeded (an index row too large for a huge key, ...):
@@ -159,6 +160,7 @@ class Loader:
                 log.warning("database error (%s); retrying the batch in %.1fs", reason, delay)
                 time.sleep(delay)
             except DBAPIError as exc:
+                _reraise_interrupt(exc)
                 raise DatabaseError(
                     f"database error writing a batch: {describe_db_error(exc, self.engine.url)}"
                 ) from None
@@ -298,6 +300,17 @@ class Loader:
             index_elements=[key], set_=changes,
             where=or_(stored.is_(None), and_(incoming.is_not(None), incoming >= stored)),
         ).returning(table.c[key])
+
+
+def _reraise_interrupt(exc: BaseException) -> None:
+    """Ctrl-C in the middle of a COPY leaves the connection unusable, so the rollback that
+    follows fails too and its error replaces the KeyboardInterrupt: an interrupted batch must
+    stop the run, not be retried as if the connection had dropped."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt | SystemExit):
+            raise seen
+        seen = seen.__context__
 
 
 def _nul_free_text(body: bytes | None) -> str | None:
