@@ -6,11 +6,13 @@ Options are parsed here, the work is done by `etl.sync`, `etl.db` and `etl.runs`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -20,8 +22,9 @@ from sqlalchemy.exc import DBAPIError
 
 from . import db, runs
 from .config import Settings, display_url, load_settings
-from .errors import DatabaseError, EtlError, InputError
+from .errors import DatabaseError, EtlError, InputError, Interrupted
 from .ids import read_ids, select_shard
+from .text import printable
 
 log = logging.getLogger("etl")
 
@@ -29,7 +32,11 @@ log = logging.getLogger("etl")
 class _OneLineFormatter(logging.Formatter):
     """Log records whose exception is shown as one line, not a traceback: libraries log some
     (SQLAlchemy's pool after an interrupted query, say), and stderr gets no tracebacks, which
-    could also carry values. ETL_DEBUG=1 shows them whole."""
+    could also carry values. ETL_DEBUG=1 shows them whole. Control characters (from text a
+    server chose) are escaped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), 4000)
 
     def formatException(self, ei) -> str:  # noqa: N802 - logging's name
         exc = ei[1]
@@ -50,6 +57,38 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     if verbose < 2:
         for noisy in ("urllib3", "alembic"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _HardStop(KeyboardInterrupt):
+    """A second Ctrl-C or SIGTERM: stop at once, wherever the run is."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__()
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[Any]:
+    """Ctrl-C (exit 130) and SIGTERM (exit 143: what cron wrappers, systemd and Airflow send)
+    ask the run to stop at its next safe point, within a second; a second signal stops it at
+    once."""
+    from .sync import StopRequest
+
+    stop = StopRequest()
+
+    def handler(signum: int, frame: object) -> None:
+        code = 128 + signum
+        if stop.requested:
+            raise _HardStop(code)
+        stop.stop("interrupted by Ctrl-C" if signum == signal.SIGINT else
+                  "stopped by SIGTERM", code)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _settings(config: str | None, **overrides: Any) -> Settings:
@@ -112,8 +151,9 @@ def sync(ctx: click.Context, ids_file: str | None, config: str | None, db_url: s
     ids = read_ids(ids_file) if ids_file is not None else []
     ids = select_shard(ids, shard_index, num_shards)
     try:
-        summary = run_sync(settings, ids, skip_loaded=skip_loaded, retry_failed=retry_failed,
-                           migrate=not no_migrate, progress=for_stream())
+        with _stop_on_signals() as stop:
+            summary = run_sync(settings, ids, skip_loaded=skip_loaded, retry_failed=retry_failed,
+                               migrate=not no_migrate, progress=for_stream(), stop=stop)
     except EtlError as exc:
         partial = getattr(exc, "summary", None)
         if partial is not None:
@@ -194,7 +234,7 @@ def _fmt(value: Any) -> str:
         return "-"
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S")
-    return str(value)
+    return printable(value, 300)  # an error may hold what a server said
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
@@ -264,8 +304,9 @@ def failures(config: str | None, db_url: str | None, run_id: str | None,
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data.")
 @click.option("--tenant-id", default=None, help="Tenant id the simulator accepts.")
 @click.option("--access-token", default=None, help="Access token the simulator accepts.")
+@click.option("--refuse", is_flag=True, help="refuse every connection (a dead API)")
 def simulate(port: int, latency_ms: float, fault_rate: float, seed: int,
-             tenant_id: str | None, access_token: str | None) -> None:
+             tenant_id: str | None, access_token: str | None, refuse: bool) -> None:
     """Serve a simulated commubo API on 127.0.0.1 (for demos, tests and benchmarks)."""
     from .simulator import DEFAULT_ACCESS_TOKEN, DEFAULT_TENANT_ID, Simulator
 
@@ -273,11 +314,12 @@ def simulate(port: int, latency_ms: float, fault_rate: float, seed: int,
     access_token = access_token or DEFAULT_ACCESS_TOKEN
     try:
         sim = Simulator(port=port, latency_ms=latency_ms, fault_rate=fault_rate, seed=seed,
-                        tenant_id=tenant_id, access_token=access_token)
+                        tenant_id=tenant_id, access_token=access_token, refuse=refuse)
     except OSError as exc:
         raise InputError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
-    click.echo(f"simulated commubo API on {sim.url} (tenant id {tenant_id!r}, access token "
-               f"{access_token!r}); Ctrl-C stops", err=True)
+    mode = " refusing every connection" if refuse else ""
+    click.echo(f"simulated commubo API on {sim.url}{mode} (tenant id {tenant_id!r}, access "
+               f"token {access_token!r}); Ctrl-C stops", err=True)
     click.echo(f"  COMMUBO_BASE_URL={sim.url} COMMUBO_TENANT_ID={tenant_id} "
                f"COMMUBO_ACCESS_TOKEN={access_token} etl sync --ids-file ids.txt", err=True)
     sim.serve_forever()
@@ -305,11 +347,14 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         code = exc.exit_code
-    except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+    except (click.Abort, KeyboardInterrupt) as exc:  # click turns Ctrl-C into Abort
         click.echo("etl: interrupted; what was committed stays committed", err=True)
-        code = 130
+        code = getattr(exc, "exit_code", 130)
+    except Interrupted as exc:
+        click.echo(f"etl: {printable(exc, 1000)}", err=True)
+        code = exc.exit_code
     except EtlError as exc:
-        click.echo(f"etl: error: {exc}", err=True)
+        click.echo(f"etl: error: {printable(exc, 1000)}", err=True)
         code = exc.exit_code
     except DBAPIError as exc:
         # Paths that expect database trouble raise DatabaseError; this is the safety net.

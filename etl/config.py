@@ -6,7 +6,9 @@ and the database URL is a SQLAlchemy `URL`, whose repr hides the password.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -64,6 +66,12 @@ class Settings:
     backoff_s: float = 0.5
     max_backoff_s: float = 30.0
     retry_after_cap_s: float = 120.0
+    # The largest response body accepted, as received and after decoding; a bigger one fails
+    # that id without a retry.
+    max_response_bytes: int = 10 * 1024 * 1024
+    # When every attempt to connect has failed for this long, with no HTTP answer in between,
+    # the run stops: the API cannot be reached (exit 3).
+    unreachable_after_s: float = 20.0
     verify_tls: bool = True
     config_file: str | None = None
 
@@ -139,6 +147,8 @@ TOML_KEYS: dict[str, tuple[str, Any]] = {
     "api.backoff_s": ("backoff_s", _float),
     "api.max_backoff_s": ("max_backoff_s", _float),
     "api.retry_after_cap_s": ("retry_after_cap_s", _float),
+    "api.max_response_bytes": ("max_response_bytes", _int),
+    "api.unreachable_after_s": ("unreachable_after_s", _float),
     "api.verify_tls": ("verify_tls", _bool),
     "database.url": ("database_url", _str),
     "sync.batch_size": ("batch_size", _int),
@@ -254,6 +264,15 @@ def normalize_base_url(url: str) -> str:
         )
     if parts.username or parts.password:
         raise ConfigError("API base URL must not carry credentials: use COMMUBO_ACCESS_TOKEN")
+    # The sync appends /v1/calls/{callId}: a base URL that already ends in it would ask for
+    # /v1/v1/calls/..., which the API answers with 404 for every id, each recorded not_found.
+    # A call's URL pasted whole (.../v1/calls/123) is the same mistake.
+    path = parts.path.rstrip("/").lower()
+    if path.endswith("/v1") or "/v1/calls" in path:
+        raise ConfigError(
+            f"API base URL {url!r} must not include /v1: give the part before /v1 "
+            "(the sync adds /v1/calls/{callId})"
+        )
     return url.rstrip("/")
 
 
@@ -292,23 +311,51 @@ def display_url(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
+# Labels for messages: the TOML key, with the option where there is one.
+_CONCURRENCY = "concurrency (--concurrency or api.concurrency)"
+_MAX_RPS = "max requests per second (--max-rps or api.max_requests_per_s)"
+_BATCH_SIZE = "batch size (--batch-size or sync.batch_size)"
+
+# Settings field -> (label, lowest, highest, whether the lowest is excluded, unit).
+_RANGES: dict[str, tuple[str, float, float, bool, str]] = {
+    "concurrency": (_CONCURRENCY, 1, 1024, False, ""),
+    "timeout_s": ("api.timeout_s", 0, 3600, True, " seconds"),
+    "max_attempts": ("api.max_attempts", 1, 100, False, ""),  # etl_call_status: smallint
+    "batch_size": (_BATCH_SIZE, 1, 100_000, False, ""),
+    "backoff_s": ("api.backoff_s", 0, 3600, False, " seconds"),
+    "max_backoff_s": ("api.max_backoff_s", 0, 3600, False, " seconds"),
+    "retry_after_cap_s": ("api.retry_after_cap_s", 0, 3600, False, " seconds"),
+    "max_response_bytes": ("api.max_response_bytes", 1024, 2**30, False, " bytes"),
+    "unreachable_after_s": ("api.unreachable_after_s", 1, 3600, False, " seconds"),
+}
+# 0 means no cap; a tiny positive cap (0.0001/s) would make a run all but never end.
+_MAX_RPS_RANGE = (0.1, 100_000)
+
+
+def _num(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
 def validate(s: Settings) -> Settings:
-    checks = [
-        (s.concurrency >= 1, f"concurrency must be at least 1, got {s.concurrency}"),
-        (s.concurrency <= 1024, f"concurrency must be at most 1024, got {s.concurrency}"),
-        (s.timeout_s > 0, f"api.timeout_s must be positive, got {s.timeout_s}"),
-        (s.max_attempts >= 1, f"api.max_attempts must be at least 1, got {s.max_attempts}"),
-        (s.max_requests_per_s >= 0, f"max requests per second must be >= 0, got "
-         f"{s.max_requests_per_s}"),
-        (s.batch_size >= 1, f"batch size must be at least 1, got {s.batch_size}"),
-        (s.backoff_s >= 0, f"api.backoff_s must be >= 0, got {s.backoff_s}"),
-        (s.max_backoff_s >= 0, f"api.max_backoff_s must be >= 0, got {s.max_backoff_s}"),
-        (s.retry_after_cap_s >= 0, f"api.retry_after_cap_s must be >= 0, got "
-         f"{s.retry_after_cap_s}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    """Refuse values outside their sane range (and inf or nan anywhere), with one line naming
+    the setting, the range and the value given."""
+    for name, (label, low, high, low_excluded, unit) in _RANGES.items():
+        value = getattr(s, name)
+        finite = not isinstance(value, float) or math.isfinite(value)
+        low_ok = value > low if low_excluded else value >= low
+        if not (finite and low_ok and value <= high):
+            if low_excluded:
+                allowed = f"more than {_num(low)} and at most {_num(high)}{unit}"
+            else:
+                allowed = f"between {_num(low)} and {_num(high)}{unit}"
+            kind = ("an integer" if isinstance(value, int)
+                    else "a number" if finite else "a finite number")
+            raise ConfigError(f"{label} must be {kind} {allowed}, got {value}")
+    rps = s.max_requests_per_s
+    low, high = _MAX_RPS_RANGE
+    if not (rps == 0 or low <= rps <= high):
+        raise ConfigError(f"{_MAX_RPS} must be 0 (no cap) or between {_num(low)} and "
+                          f"{_num(high)}, got {rps}")
     backend = s.database_url.get_backend_name()
     if backend not in ("postgresql", "sqlite"):
         raise ConfigError(f"database {backend!r} is not supported: use postgresql or sqlite")
@@ -329,14 +376,40 @@ def require_api(s: Settings) -> None:
     ]
     if missing:
         raise ConfigError("missing " + "; ".join(missing))
-    # requests refuses such a header value with an error that repeats it, token included:
-    # refuse it here, naming the setting and never showing the value.
+    # HTTP header values are Latin-1 at best and printable ASCII in practice: requests refuses
+    # a line break or a control character with an error that repeats the value, token
+    # included, and http.client a character outside Latin-1 with an encoding error that shows
+    # it too. One rule, checked here, naming the setting and never showing the value.
     for label, value in (("tenant id (COMMUBO_TENANT_ID or api.tenant_id)", s.tenant_id),
                          ("access token (COMMUBO_ACCESS_TOKEN or api.access_token)",
                           s.access_token.get())):
-        if value != value.strip() or any(ord(c) < 32 or ord(c) == 127 for c in value):
-            raise ConfigError(f"{label} has a line break, a control character or surrounding "
-                              "whitespace")
+        if not _header_safe(value):
+            raise ConfigError(f"{label} has a line break, a control character, surrounding "
+                              "spaces or other characters an HTTP header cannot carry (only "
+                              "printable ASCII)")
+    _warn_if_clear_text(s.base_url)
+
+
+def _header_safe(value: str) -> bool:
+    """Only printable ASCII (0x20-0x7E), without spaces around it (HTTP would drop them)."""
+    return all(" " <= c <= "~" for c in value) and value == value.strip()
+
+
+def _warn_if_clear_text(base_url: str) -> None:
+    parts = urlsplit(base_url)
+    if parts.scheme != "http" or _is_loopback(parts.hostname or ""):
+        return
+    log.warning("API base URL %s is http://, not https://: the access token travels in clear "
+                "text to %s", base_url, parts.hostname)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def with_overrides(s: Settings, **changes: Any) -> Settings:

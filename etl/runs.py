@@ -13,6 +13,8 @@ from sqlalchemy.engine import Connection
 from .schema import etl_call_status, etl_runs
 
 RUNNING, SUCCEEDED, PARTIAL, FAILED = "running", "succeeded", "partial", "failed"
+# Stopped by a signal (Ctrl-C, SIGTERM) or by its caller, after committing what it had fetched.
+INTERRUPTED = "interrupted"
 COUNTERS = ("loaded", "not_found", "failed")
 # Ids per IN (...) list when looking up statuses of a large ids file.
 _LOOKUP_CHUNK = 5000

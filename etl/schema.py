@@ -127,7 +127,7 @@ etl_runs = Table(
     Column("run_id", Text, primary_key=True),
     Column("started_at", Instant, nullable=False),
     Column("finished_at", Instant),
-    Column("status", Text, nullable=False),  # running, succeeded, partial, failed
+    Column("status", Text, nullable=False),  # running, succeeded, partial, failed, interrupted
     Column("requested", Integer, nullable=False, default=0),
     Column("loaded", Integer, nullable=False, default=0),
     Column("not_found", Integer, nullable=False, default=0),

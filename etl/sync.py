@@ -14,18 +14,25 @@ from typing import Protocol
 from sqlalchemy import Engine
 
 from . import db, runs
-from .config import Settings, require_api
-from .errors import DatabaseError, FatalError, InputError
+from .config import Settings, require_api, validate
+from .errors import DatabaseError, FatalError, InputError, Interrupted, RemoteConfigError
 from .extract import Extractor
 from .ids import is_valid_call_id
 from .load import LOADED, Loader
-from .outcome import Outcome
+from .outcome import FAILED, NOT_FOUND, OK, Outcome
 
 log = logging.getLogger(__name__)
 
 # A partial batch is committed after this long, so a slow (rate-capped) run still makes
 # durable progress and a kill loses little work.
 FLUSH_INTERVAL_S = 5.0
+# How often the pipeline looks for a stop request while no outcome arrives.
+_TICK_S = 0.25
+# A run whose every answer is a 404 is suspicious (a base URL that is not the API's) once this
+# many ids answered so, or at its end with at least _NOT_FOUND_AT_END of them: a handful of
+# ids that truly do not exist should not fail a run.
+NOT_FOUND_SUSPECT = 50
+_NOT_FOUND_AT_END = 5
 
 
 @dataclass
@@ -52,6 +59,28 @@ class SyncSummary:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class StopRequest:
+    """Asks a running sync to stop at its next safe point: requests in flight are cut off,
+    what was already fetched is committed, and the run is recorded as `interrupted`.
+
+    `stop` only sets attributes, so a signal handler may call it (a lock or an Event could
+    deadlock against the main thread it interrupts), and so may another thread (Airflow's
+    `on_kill`). The pipeline looks at it at least every quarter second."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.exit_code = 130
+
+    def stop(self, reason: str, exit_code: int = 130) -> None:
+        if self.reason is None:
+            self.exit_code = exit_code
+            self.reason = reason
+
+    @property
+    def requested(self) -> bool:
+        return self.reason is not None
 
 
 class Progress(Protocol):
@@ -82,14 +111,17 @@ def run_sync(
     migrate: bool = True,
     progress: Progress | None = None,
     engine: Engine | None = None,
+    stop: StopRequest | None = None,
 ) -> SyncSummary:
     """Fetch `ids` from the API and load them into `settings.database_url`.
 
     Returns the summary (its `exit_code` is 0 or 1). Raises InputError (exit 2) for bad ids or
     configuration before any request, and FatalError (exit 3) when the API refuses the
     credentials or the database becomes unreachable; such an error carries `.summary` when a
-    run had started. What was committed stays committed.
+    run had started. What was committed stays committed. With `stop`, the caller can ask the
+    run to end early; it then raises Interrupted (exit 130 or 143) after recording the run.
     """
+    validate(settings)
     require_api(settings)
     ids = _checked(ids)
     own_engine = engine is None
@@ -133,7 +165,8 @@ def run_sync(
             started = time.monotonic()
             extractor.start(todo)
         progress.start(len(todo))
-        _pipeline(settings, engine, extractor, summary, progress, started)
+        _pipeline(settings, engine, extractor, summary, progress, started,
+                  stop or StopRequest())
         return summary
     finally:
         extractor.close()
@@ -157,8 +190,9 @@ def _checked(ids: Iterable[str]) -> list[str]:
 
 
 def _pipeline(settings: Settings, engine: Engine, extractor: Extractor, summary: SyncSummary,
-              progress: Progress, started: float) -> None:
+              progress: Progress, started: float, stop: StopRequest) -> None:
     loader = Loader(engine, summary.run_id)
+    guard = _NotFoundGuard(engine, settings)
     batch: list[Outcome] = []
     last_flush = time.monotonic()
 
@@ -167,38 +201,48 @@ def _pipeline(settings: Settings, engine: Engine, extractor: Extractor, summary:
         if batch:
             counts = loader.load(batch)
             summary.loaded += counts.get(LOADED, 0)
-            summary.not_found += counts.get("not_found", 0)
-            summary.failed += counts.get("failed", 0)
+            summary.not_found += counts.get(NOT_FOUND, 0)
+            summary.failed += counts.get(FAILED, 0)
             _timing(summary, started)
             batch = []
         last_flush = time.monotonic()
 
     try:
-        for outcome in extractor.results(tick_s=1.0):
+        for outcome in extractor.results(tick_s=_TICK_S):
+            if stop.requested:
+                extractor.stop()
+                break
             if outcome is not None:
-                batch.append(outcome)
+                batch.extend(guard.admit(outcome))
                 progress.advance(1, summary)
             if len(batch) >= settings.batch_size or (
                 batch and time.monotonic() - last_flush >= FLUSH_INTERVAL_S
             ):
                 flush()
+        if not stop.requested:
+            batch.extend(guard.finish())
         flush()
-    except FatalError as exc:
-        # Stopped by a 403 (what was fetched before it is still worth keeping) or by the
-        # database (nothing more can be written): record what we can, then re-raise.
+    except (FatalError, RemoteConfigError) as exc:
+        # Stopped by a 403 or an unreachable API (what was fetched before is still worth
+        # keeping), by answers that show a wrong base URL (the 404s held back are not), or by
+        # the database (nothing more can be written): record what we can, then re-raise.
         if not isinstance(exc, DatabaseError):
             _try(flush)
-        _timing(summary, started)
-        summary.status = runs.FAILED
-        _try(lambda: runs.finish_run(engine, summary.run_id, runs.FAILED))
-        exc.summary = summary  # type: ignore[attr-defined]
+        _end(engine, summary, started, runs.FAILED)
+        exc.summary = summary
         raise
-    except BaseException:
+    except BaseException as exc:
+        # A second Ctrl-C or SIGTERM (the first asks politely, below), or a bug.
         extractor.stop()
-        _timing(summary, started)
-        summary.status = runs.FAILED
-        _try(lambda: runs.finish_run(engine, summary.run_id, runs.FAILED))
+        _end(engine, summary, started, runs.INTERRUPTED if isinstance(exc, KeyboardInterrupt)
+             else runs.FAILED)
         raise
+    if stop.requested:
+        _end(engine, summary, started, runs.INTERRUPTED)
+        interrupted = Interrupted(f"{stop.reason}: run {summary.run_id} stopped, what was "
+                                  "committed stays committed", stop.exit_code)
+        interrupted.summary = summary
+        raise interrupted
     _timing(summary, started)
     summary.status = runs.PARTIAL if summary.failed else runs.SUCCEEDED
     try:
@@ -210,6 +254,70 @@ def _pipeline(settings: Settings, engine: Engine, extractor: Extractor, summary:
     log.info("run %s %s: %d loaded, %d not found, %d failed, %d skipped in %.1fs",
              summary.run_id, summary.status, summary.loaded, summary.not_found, summary.failed,
              summary.skipped, summary.duration_s)
+
+
+class _NotFoundGuard:
+    """Holds 404s back while every answer of the run is a 404.
+
+    A base URL that is not the API's (a path too many, another service on that host) answers
+    404 for every id: recorded as such, the run would report success, and calls loaded before
+    would become `not_found`. So until some other answer arrives, 404s are held; once
+    NOT_FOUND_SUSPECT of them are for ids not already stored as `not_found` (those are
+    expected to answer 404 again, as in a rerun), or at the end of a run with at least
+    _NOT_FOUND_AT_END such, the run stops with a configuration error and records none of
+    them."""
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self._engine = engine
+        self._base_url = settings.base_url
+        self._unchecked: list[Outcome] = []  # 404s not yet looked up
+        self._suspects: list[Outcome] = []  # 404s for ids not stored as not_found
+        self._watching = True
+
+    def admit(self, outcome: Outcome) -> list[Outcome]:
+        """The outcomes to load now."""
+        if not self._watching:
+            return [outcome]
+        if outcome.status == NOT_FOUND:
+            self._unchecked.append(outcome)
+            return self._check(NOT_FOUND_SUSPECT) if len(self._unchecked) >= \
+                NOT_FOUND_SUSPECT else []
+        if outcome.status == OK or outcome.http_status is not None:
+            self._watching = False
+            held = self._suspects + self._unchecked
+            self._suspects, self._unchecked = [], []
+            return [*held, outcome]
+        return [outcome]  # no answer at all (a connection failure) says nothing either way
+
+    def finish(self) -> list[Outcome]:
+        """At the end of the run: raises for a suspicious run, else the 404s still held."""
+        if not self._watching:
+            return []
+        released = self._check(_NOT_FOUND_AT_END)
+        held, self._suspects = self._suspects, []
+        return released + held
+
+    def _check(self, threshold: int) -> list[Outcome]:
+        """Look the unchecked 404s up; raise past `threshold` suspects; release the others."""
+        known = runs.ids_with_status(self._engine, NOT_FOUND,
+                                     [o.call_id for o in self._unchecked])
+        released = [o for o in self._unchecked if o.call_id in known]
+        self._suspects += [o for o in self._unchecked if o.call_id not in known]
+        self._unchecked = []
+        if len(self._suspects) >= threshold:
+            raise RemoteConfigError(
+                f"every id answered so far was 404 Not Found ({len(self._suspects)} not known "
+                f"as not found before): check the base URL (COMMUBO_BASE_URL or "
+                f"api.base_url, now {self._base_url}); none of these 404s was recorded")
+        return released
+
+
+def _end(engine: Engine, summary: SyncSummary, started: float, status: str) -> None:
+    """Record how a run that did not complete ended (best effort: the error that stopped it
+    is what gets reported)."""
+    _timing(summary, started)
+    summary.status = status
+    _try(lambda: runs.finish_run(engine, summary.run_id, status))
 
 
 def _timing(summary: SyncSummary, started: float) -> None:

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+from helpers import etl_env, run_etl
+from sqlalchemy import create_engine, func, inspect, select
+from sqlalchemy.engine import URL
 
+from etl.cli import cli
 from etl.config import (
     TOML_KEYS,
     Secret,
     Settings,
     load_settings,
     require_api,
+    with_overrides,
 )
 from etl.errors import ConfigError, InputError
+from etl.schema import etl_runs
+from etl.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "tok-9f8e7d6c5b4a"
@@ -48,6 +57,8 @@ max_requests_per_s = 4.5
 backoff_s = 0.25
 max_backoff_s = 9
 retry_after_cap_s = 60
+max_response_bytes = 2048
+unreachable_after_s = 7.5
 verify_tls = false
 
 [database]
@@ -72,6 +83,8 @@ def test_defaults_are_those_of_the_spec():
     assert s.max_attempts == 5
     assert s.max_requests_per_s == 0
     assert s.batch_size == 500
+    assert s.max_response_bytes == 10 * 1024 * 1024
+    assert s.unreachable_after_s == 20
     assert s.config_file is None
 
 
@@ -84,6 +97,7 @@ def test_every_key_of_a_config_file_is_read(tmp_path):
     assert s.database_url.render_as_string() == "sqlite:///file.db"
     assert (s.concurrency, s.timeout_s, s.max_attempts, s.max_requests_per_s) == (3, 12.5, 7, 4.5)
     assert (s.backoff_s, s.max_backoff_s, s.retry_after_cap_s) == (0.25, 9.0, 60.0)
+    assert (s.max_response_bytes, s.unreachable_after_s) == (2048, 7.5)
     assert s.verify_tls is False
     assert s.batch_size == 123
     assert s.config_file == path
@@ -93,6 +107,8 @@ def test_example_config_file_loads_and_documents_every_key():
     example = ROOT / "config.example.toml"
     s = load_settings(config_file=str(example), env={})
     assert s.concurrency == 8
+    assert s.max_response_bytes == Settings().max_response_bytes
+    assert s.unreachable_after_s == Settings().unreachable_after_s
     text = example.read_text(encoding="utf-8")
     for dotted in TOML_KEYS:
         section, key = dotted.split(".")
@@ -375,6 +391,192 @@ def test_out_of_range_values_are_refused(overrides, message):
         load_settings(overrides=overrides, env={})
 
 
+# -- sane ranges, checked up front ----------------------------------------------------------------
+
+TIMEOUT = "api.timeout_s must be a {} more than 0 and at most 3600 seconds, got {}"
+ATTEMPTS = "api.max_attempts must be an integer between 1 and 100, got {}"
+RPS = ("max requests per second (--max-rps or api.max_requests_per_s) must be 0 (no cap) or "
+       "between 0.1 and 100000, got {}")
+BYTES = "api.max_response_bytes must be an integer between 1024 and 1073741824 bytes, got {}"
+UNREACHABLE = "api.unreachable_after_s must be a {} between 1 and 3600 seconds, got {}"
+PACING = "api.{} must be a {} between 0 and 3600 seconds, got {}"
+CONCURRENCY = ("concurrency (--concurrency or api.concurrency) must be an integer between 1 and "
+               "1024, got {}")
+BATCH = ("batch size (--batch-size or sync.batch_size) must be an integer between 1 and 100000, "
+         "got {}")
+
+# (TOML key, value as written in the file, the whole message)
+BAD_FILE_VALUES = [
+    ("api.timeout_s", "inf", TIMEOUT.format("finite number", "inf")),
+    ("api.timeout_s", "-inf", TIMEOUT.format("finite number", "-inf")),
+    ("api.timeout_s", "nan", TIMEOUT.format("finite number", "nan")),
+    ("api.timeout_s", '"inf"', TIMEOUT.format("finite number", "inf")),
+    ("api.timeout_s", "0", TIMEOUT.format("number", "0.0")),
+    ("api.timeout_s", "-1", TIMEOUT.format("number", "-1.0")),
+    ("api.timeout_s", "3600.5", TIMEOUT.format("number", "3600.5")),
+    ("api.max_attempts", "0", ATTEMPTS.format(0)),
+    ("api.max_attempts", "101", ATTEMPTS.format(101)),
+    ("api.max_attempts", "40000", ATTEMPTS.format(40000)),  # beyond a smallint column
+    ("api.max_requests_per_s", "0.0001", RPS.format("0.0001")),
+    ("api.max_requests_per_s", "0.09", RPS.format("0.09")),
+    ("api.max_requests_per_s", "-1", RPS.format("-1.0")),
+    ("api.max_requests_per_s", "100001", RPS.format("100001.0")),
+    ("api.max_requests_per_s", "inf", RPS.format("inf")),
+    ("api.max_requests_per_s", "nan", RPS.format("nan")),
+    ("api.max_response_bytes", "1023", BYTES.format(1023)),
+    ("api.max_response_bytes", "0", BYTES.format(0)),
+    ("api.max_response_bytes", "1073741825", BYTES.format(1073741825)),
+    ("api.unreachable_after_s", "0.5", UNREACHABLE.format("number", "0.5")),
+    ("api.unreachable_after_s", "0", UNREACHABLE.format("number", "0.0")),
+    ("api.unreachable_after_s", "3601", UNREACHABLE.format("number", "3601.0")),
+    ("api.unreachable_after_s", "inf", UNREACHABLE.format("finite number", "inf")),
+    ("api.unreachable_after_s", "nan", UNREACHABLE.format("finite number", "nan")),
+    ("api.backoff_s", "-0.1", PACING.format("backoff_s", "number", "-0.1")),
+    ("api.backoff_s", "3601", PACING.format("backoff_s", "number", "3601.0")),
+    ("api.backoff_s", "inf", PACING.format("backoff_s", "finite number", "inf")),
+    ("api.backoff_s", "nan", PACING.format("backoff_s", "finite number", "nan")),
+    ("api.max_backoff_s", "-1", PACING.format("max_backoff_s", "number", "-1.0")),
+    ("api.max_backoff_s", "3601", PACING.format("max_backoff_s", "number", "3601.0")),
+    ("api.max_backoff_s", "inf", PACING.format("max_backoff_s", "finite number", "inf")),
+    ("api.retry_after_cap_s", "-1", PACING.format("retry_after_cap_s", "number", "-1.0")),
+    ("api.retry_after_cap_s", "3601", PACING.format("retry_after_cap_s", "number", "3601.0")),
+    ("api.retry_after_cap_s", "nan", PACING.format("retry_after_cap_s", "finite number",
+                                                   "nan")),
+    ("api.concurrency", "0", CONCURRENCY.format(0)),
+    ("api.concurrency", "1025", CONCURRENCY.format(1025)),
+    ("sync.batch_size", "0", BATCH.format(0)),
+    ("sync.batch_size", "100001", BATCH.format(100001)),
+]
+
+
+def toml_line(dotted: str, value: str) -> str:
+    section, key = dotted.split(".")
+    return f"[{section}]\n{key} = {value}\n"
+
+
+@pytest.mark.parametrize(("key", "value", "message"), BAD_FILE_VALUES,
+                         ids=[f"{k}={v}" for k, v, _ in BAD_FILE_VALUES])
+def test_out_of_range_value_in_the_config_file_is_refused_in_one_line(tmp_path, key, value,
+                                                                      message):
+    path = toml(tmp_path, toml_line(key, value))
+    with pytest.raises(ConfigError) as info:
+        load_settings(config_file=path, env={})
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("api.timeout_s", "0.001"), ("api.timeout_s", "3600"),
+        ("api.max_attempts", "1"), ("api.max_attempts", "100"),
+        ("api.max_requests_per_s", "0"), ("api.max_requests_per_s", "0.1"),
+        ("api.max_requests_per_s", "100000"),
+        ("api.max_response_bytes", "1024"), ("api.max_response_bytes", "1073741824"),
+        ("api.unreachable_after_s", "1"), ("api.unreachable_after_s", "3600"),
+        ("api.backoff_s", "0"), ("api.backoff_s", "3600"),
+        ("api.max_backoff_s", "0"), ("api.retry_after_cap_s", "3600"),
+        ("api.concurrency", "1"), ("api.concurrency", "1024"),
+        ("sync.batch_size", "1"), ("sync.batch_size", "100000"),
+    ],
+)
+def test_values_at_the_ends_of_their_range_are_accepted(tmp_path, key, value):
+    s = load_settings(config_file=toml(tmp_path, toml_line(key, value)), env={})
+    assert getattr(s, TOML_KEYS[key][0]) == float(value)
+
+
+# (option as typed, the whole message): what `etl sync` passes to load_settings.
+BAD_OPTIONS = [
+    (["--max-rps", "0.0001"], RPS.format("0.0001")),
+    (["--max-rps", "100001"], RPS.format("100001.0")),
+    (["--max-rps", "inf"], RPS.format("inf")),
+    (["--max-rps", "nan"], RPS.format("nan")),
+    (["--concurrency", "1025"], CONCURRENCY.format(1025)),
+    (["--batch-size", "100001"], BATCH.format(100001)),
+]
+
+
+@pytest.mark.parametrize(("option", "message"), BAD_OPTIONS,
+                         ids=[" ".join(o) for o, _ in BAD_OPTIONS])
+def test_out_of_range_option_is_refused_before_anything_else(monkeypatch, option, message):
+    for var in ("COMMUBO_BASE_URL", "COMMUBO_TENANT_ID", "COMMUBO_ACCESS_TOKEN",
+                "ETL_DATABASE_URL", "ETL_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+    # The click command as `etl sync` parses it: the option reaches validate() unchanged.
+    result = CliRunner().invoke(cli, ["sync", "--ids-file", "absent.txt", *option])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert str(result.exception) == message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"max_requests_per_s": 0.0001}, RPS.format("0.0001")),
+        ({"max_requests_per_s": float("inf")}, RPS.format("inf")),
+        ({"concurrency": 0}, CONCURRENCY.format(0)),
+        ({"batch_size": 0}, BATCH.format(0)),
+    ],
+)
+def test_out_of_range_override_is_refused(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_settings(overrides=overrides, env={})
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"timeout_s": float("nan")}, TIMEOUT.format("finite number", "nan")),
+        ({"max_attempts": 40000}, ATTEMPTS.format(40000)),
+        ({"unreachable_after_s": float("-inf")}, UNREACHABLE.format("finite number", "-inf")),
+        ({"max_response_bytes": 2**31}, BYTES.format(2**31)),
+    ],
+)
+def test_library_settings_are_checked_the_same_way(changes, message):
+    with pytest.raises(ConfigError) as info:
+        with_overrides(Settings(), **changes)
+    assert str(info.value) == message
+
+
+# -- base URL: the part before /v1 ----------------------------------------------------------------
+
+V1_URLS = [
+    "http://host/v1", "http://host/v1/", "http://host/v1/calls", "http://host/v1/calls/",
+    "http://host/V1", "http://host:8080/V1/Calls/", "https://host/api/v1",
+    "https://host/api/v1/calls", "http://host/v1//",
+]
+
+
+@pytest.mark.parametrize("url", V1_URLS)
+@pytest.mark.parametrize("source", ["option", "env", "file"])
+def test_base_url_ending_in_v1_is_refused(tmp_path, url, source):
+    kwargs: dict = {"env": {}}
+    if source == "option":
+        kwargs["overrides"] = {"base_url": url}
+    elif source == "env":
+        kwargs["env"] = {"COMMUBO_BASE_URL": url}
+    else:
+        kwargs["config_file"] = toml(tmp_path, f'[api]\nbase_url = "{url}"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(**kwargs)
+    assert str(info.value) == (f"API base URL {url!r} must not include /v1: give the part before "
+                               "/v1 (the sync adds /v1/calls/{callId})")
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        ("https://host/api", "https://host/api"),
+        ("https://host/api/", "https://host/api"),
+        ("https://host/v10", "https://host/v10"),
+        ("https://host/v1beta", "https://host/v1beta"),
+        ("https://host/api/v2", "https://host/api/v2"),
+        ("https://host/apiv1", "https://host/apiv1"),
+    ],
+)
+def test_base_url_with_another_path_is_kept(given, stored):
+    assert load_settings(overrides={"base_url": given}, env={}).base_url == stored
+
+
 @pytest.mark.parametrize("text", ["[api\nconcurrency = 2\n", "[api]\nconcurrency = \n",
                                   '[api]\nbase_url = "unterminated\n'])
 def test_invalid_toml_is_refused_naming_the_file(tmp_path, text):
@@ -494,3 +696,155 @@ def test_require_api_passes_when_everything_is_set():
                            "COMMUBO_ACCESS_TOKEN": TOKEN})
     require_api(s)  # no error
     assert s.base_url == "http://x.example"
+
+
+TENANT_LABEL = "tenant id (COMMUBO_TENANT_ID or api.tenant_id)"
+TOKEN_LABEL = "access token (COMMUBO_ACCESS_TOKEN or api.access_token)"
+NOT_IN_A_HEADER = (" has a line break, a control character, surrounding spaces or other "
+                   "characters an HTTP header cannot carry (only printable ASCII)")
+# Values no HTTP header can carry: beyond Latin-1, Latin-1 but not ASCII, control characters.
+UNCARRIABLE = {
+    "japanese": "テナント",
+    "accents": "tökén",
+    "e-acute": "tok\u00e9n",
+    "no-break-space": "tok\u00a0en",
+    "nul": "tok\x00en",
+    "tab": "tok\ten",
+    "escape": "tok\x1b[31men",
+    "del": "tok\x7fen",
+    "line-separator": "tok\u2028en",
+    "emoji": "tok\U0001f600en",
+}
+
+
+def _toml_string(value: str) -> str:
+    """A TOML basic string with everything but printable ASCII escaped."""
+    return '"' + "".join(c if " " <= c <= "~" and c not in '"\\' else f"\\U{ord(c):08x}"
+                         for c in value) + '"'
+
+
+@pytest.mark.parametrize("value", list(UNCARRIABLE.values()), ids=list(UNCARRIABLE))
+@pytest.mark.parametrize("which", ["tenant", "token"])
+@pytest.mark.parametrize("source", ["env", "file"])
+def test_tenant_or_token_no_http_header_can_carry_is_refused_without_showing_it(
+        tmp_path, value, which, source):
+    given = {"tenant": "tenant-1", "token": TOKEN}
+    given[which] = value
+    kwargs: dict = {"env": {"COMMUBO_BASE_URL": "http://127.0.0.1:8089"}}
+    if source == "env":
+        kwargs["env"].update(COMMUBO_TENANT_ID=given["tenant"],
+                             COMMUBO_ACCESS_TOKEN=given["token"])
+    else:
+        kwargs["config_file"] = toml(
+            tmp_path, f'[api]\ntenant_id = {_toml_string(given["tenant"])}\n'
+                      f'access_token = {_toml_string(given["token"])}\n')
+    s = load_settings(**kwargs)
+    with pytest.raises(ConfigError) as info:
+        require_api(s)
+    message = str(info.value)
+    assert message == (TENANT_LABEL if which == "tenant" else TOKEN_LABEL) + NOT_IN_A_HEADER
+    assert value.strip() not in message
+    assert TOKEN not in message
+    assert message.isascii()
+
+
+@pytest.mark.parametrize("token", [f" {TOKEN}", f"{TOKEN} "])
+def test_library_settings_with_spaces_around_the_token_are_refused(token):
+    s = Settings(base_url="http://127.0.0.1:8089", tenant_id="t", access_token=Secret(token))
+    with pytest.raises(ConfigError) as info:
+        require_api(s)
+    assert str(info.value) == TOKEN_LABEL + NOT_IN_A_HEADER
+
+
+def test_every_printable_ascii_character_is_accepted():
+    printable = "".join(chr(c) for c in range(0x21, 0x7F))
+    s = load_settings(env={"COMMUBO_BASE_URL": "http://127.0.0.1:8089",
+                           "COMMUBO_TENANT_ID": "tenant with spaces",
+                           "COMMUBO_ACCESS_TOKEN": f"{printable} {printable}"})
+    require_api(s)  # no error
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://api.example.com", "http://10.0.0.5:8080", "http://[2001:db8::1]:8080",
+     "http://localhost.example.com", "http://128.0.0.1", "http://192.168.1.20/api"],
+)
+def test_plain_http_to_another_host_warns_that_the_token_travels_in_clear_text(caplog, url):
+    caplog.set_level(logging.WARNING, logger="etl.config")
+    require_api(load_settings(env={"COMMUBO_BASE_URL": url, "COMMUBO_TENANT_ID": "t",
+                                   "COMMUBO_ACCESS_TOKEN": TOKEN}))
+    warnings = [r for r in caplog.records
+                if r.name == "etl.config" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    text = warnings[0].getMessage()
+    assert "clear text" in text
+    assert url in text
+    assert TOKEN not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:8089", "http://127.8.9.10", "http://localhost:8000", "http://LOCALHOST",
+     "http://[::1]:8080", "https://api.example.com", "https://10.0.0.5"],
+)
+def test_no_clear_text_warning_for_this_machine_or_https(caplog, url):
+    caplog.set_level(logging.DEBUG, logger="etl.config")
+    require_api(load_settings(env={"COMMUBO_BASE_URL": url, "COMMUBO_TENANT_ID": "t",
+                                   "COMMUBO_ACCESS_TOKEN": TOKEN}))
+    assert [r for r in caplog.records if r.name == "etl.config"] == []
+
+
+# -- end to end: `etl sync` refuses a bad setting before touching the database or the API ---------
+
+
+def assert_no_run_recorded(db_url: URL) -> None:
+    """SQLite: the file was not created or holds no run; PostgreSQL: no etl_runs or empty."""
+    if db_url.get_backend_name() == "sqlite" and not Path(db_url.database or "").exists():
+        return
+    engine = create_engine(db_url)
+    try:
+        if not inspect(engine).has_table("etl_runs"):
+            return
+        with engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(etl_runs)).scalar_one() == 0
+    finally:
+        engine.dispose()
+
+
+E2E_TOKEN = "tok-caf\u00e9-SECRET"
+
+
+@pytest.mark.parametrize(
+    ("config", "args", "env", "message"),
+    [
+        pytest.param("[api]\ntimeout_s = inf\n", [], {},
+                     TIMEOUT.format("finite number", "inf"), id="timeout-inf"),
+        pytest.param("[api]\nmax_attempts = 40000\n", [], {}, ATTEMPTS.format(40000),
+                     id="max-attempts-40000"),
+        pytest.param(None, ["--max-rps", "0.0001"], {}, RPS.format("0.0001"), id="max-rps-tiny"),
+        pytest.param(None, [], {"COMMUBO_TENANT_ID": "テナント"}, TENANT_LABEL + NOT_IN_A_HEADER,
+                     id="tenant-non-latin1"),
+        pytest.param(None, [], {"COMMUBO_ACCESS_TOKEN": E2E_TOKEN},
+                     TOKEN_LABEL + NOT_IN_A_HEADER, id="token-e-acute"),
+        pytest.param(None, ["--base-url", "{sim}/v1"], {},
+                     "API base URL '{sim}/v1' must not include /v1: give the part before /v1 "
+                     "(the sync adds /v1/calls/{{callId}})", id="base-url-v1"),
+    ],
+)
+def test_etl_sync_refuses_a_bad_setting_before_any_request_or_run_row(
+        sim: Simulator, any_db_url: URL, tmp_path: Path, config: str | None, args: list[str],
+        env: dict[str, str], message: str):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("call-000001\ncall-000002\n")
+    argv = ["sync", "--ids-file", str(ids), *(a.format(sim=sim.url) for a in args)]
+    if config is not None:
+        argv += ["--config", toml(tmp_path, config, "bad.toml")]
+    proc = run_etl(*argv, env=etl_env(sim, any_db_url, **env))
+
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines == [f"etl: error: {message.format(sim=sim.url)}"]
+    assert E2E_TOKEN not in proc.stderr + proc.stdout
+    assert sim.total_requests == 0
+    assert_no_run_recorded(any_db_url)

@@ -192,7 +192,8 @@ def test_a_run_killed_or_interrupted_midway_shows_no_secret(
 
     assert proc.returncode == (-signal.SIGKILL if how == signal.SIGKILL else 130)
     if how == signal.SIGINT:
-        assert "etl: interrupted; what was committed stays committed" in stderr
+        assert "etl: interrupted by Ctrl-C: run " in stderr
+        assert "what was committed stays committed" in stderr
         assert "Traceback" not in stderr
     assert_no_secret("stdout", stdout)
     assert_no_secret("stderr", stderr)
