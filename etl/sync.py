@@ -192,7 +192,7 @@ def _checked(ids: Iterable[str]) -> list[str]:
 def _pipeline(settings: Settings, engine: Engine, extractor: Extractor, summary: SyncSummary,
               progress: Progress, started: float, stop: StopRequest) -> None:
     loader = Loader(engine, summary.run_id)
-    guard = _NotFoundGuard(engine, settings)
+    held = _HoldBack(engine, settings)
     batch: list[Outcome] = []
     last_flush = time.monotonic()
 
@@ -213,14 +213,14 @@ def _pipeline(settings: Settings, engine: Engine, extractor: Extractor, summary:
                 extractor.stop()
                 break
             if outcome is not None:
-                batch.extend(guard.admit(outcome))
+                batch.extend(held.admit(outcome))
                 progress.advance(1, summary)
             if len(batch) >= settings.batch_size or (
                 batch and time.monotonic() - last_flush >= FLUSH_INTERVAL_S
             ):
                 flush()
         if not stop.requested:
-            batch.extend(guard.finish())
+            batch.extend(held.finish())
         flush()
     except (FatalError, RemoteConfigError) as exc:
         # Stopped by a 403 or an unreachable API (what was fetched before is still worth
@@ -256,46 +256,53 @@ def _pipeline(settings: Settings, engine: Engine, extractor: Extractor, summary:
              summary.skipped, summary.duration_s)
 
 
-class _NotFoundGuard:
-    """Holds 404s back while every answer of the run is a 404.
+class _HoldBack:
+    """Holds back outcomes that may be the configuration's fault rather than the ids'.
 
-    A base URL that is not the API's (a path too many, another service on that host) answers
-    404 for every id: recorded as such, the run would report success, and calls loaded before
-    would become `not_found`. So until some other answer arrives, 404s are held; once
-    NOT_FOUND_SUSPECT of them are for ids not already stored as `not_found` (those are
-    expected to answer 404 again, as in a rerun), or at the end of a run with at least
-    _NOT_FOUND_AT_END such, the run stops with a configuration error and records none of
-    them."""
+    - Failures with no answer at all (refused, DNS, timeouts), until some request gets an
+      answer: if the circuit breaker then stops the run, the API was unreachable and none of
+      them is recorded, so calls loaded before do not turn `failed`.
+    - 404s, while every answer of the run is a 404: a base URL that is not the API's (a path
+      too many, another service on that host) answers 404 for every id; recorded, the run
+      would report success and calls loaded before would become `not_found`. Once
+      NOT_FOUND_SUSPECT of them are for ids not already stored as `not_found` (those are
+      expected to answer 404 again, as in a rerun), or at the end of a run with at least
+      _NOT_FOUND_AT_END such, the run stops with a configuration error and records none."""
 
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self._engine = engine
         self._base_url = settings.base_url
+        self._unanswered: list[Outcome] = []
         self._unchecked: list[Outcome] = []  # 404s not yet looked up
         self._suspects: list[Outcome] = []  # 404s for ids not stored as not_found
-        self._watching = True
+        self._only_404s = True
 
     def admit(self, outcome: Outcome) -> list[Outcome]:
         """The outcomes to load now."""
-        if not self._watching:
-            return [outcome]
+        if outcome.status == FAILED and outcome.http_status is None:
+            self._unanswered.append(outcome)
+            return []
+        released, self._unanswered = self._unanswered, []
+        if not self._only_404s:
+            return [*released, outcome]
         if outcome.status == NOT_FOUND:
             self._unchecked.append(outcome)
-            return self._check(NOT_FOUND_SUSPECT) if len(self._unchecked) >= \
-                NOT_FOUND_SUSPECT else []
-        if outcome.status == OK or outcome.http_status is not None:
-            self._watching = False
-            held = self._suspects + self._unchecked
-            self._suspects, self._unchecked = [], []
-            return [*held, outcome]
-        return [outcome]  # no answer at all (a connection failure) says nothing either way
+            if len(self._unchecked) >= NOT_FOUND_SUSPECT:
+                released += self._check(NOT_FOUND_SUSPECT)
+            return released
+        self._only_404s = False
+        held = self._suspects + self._unchecked
+        self._suspects, self._unchecked = [], []
+        return [*released, *held, outcome]
 
     def finish(self) -> list[Outcome]:
-        """At the end of the run: raises for a suspicious run, else the 404s still held."""
-        if not self._watching:
-            return []
-        released = self._check(_NOT_FOUND_AT_END)
-        held, self._suspects = self._suspects, []
-        return released + held
+        """At the end of the run: raises for a suspicious run, else what is still held."""
+        released, self._unanswered = self._unanswered, []
+        if self._only_404s:
+            released += self._check(_NOT_FOUND_AT_END)
+            released += self._suspects
+            self._suspects = []
+        return released
 
     def _check(self, threshold: int) -> list[Outcome]:
         """Look the unchecked 404s up; raise past `threshold` suspects; release the others."""
