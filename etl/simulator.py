@@ -21,17 +21,22 @@ such as ``e503-2-test42``.
 ``{kind}-{n}-{rest}``: the first ``n`` requests for that id fail with ``kind``, later requests
 get the normal payload (use a large ``n`` such as ``99`` for "always").  Kinds:
 
-=========  ==============================================================================
-``e500``   HTTP 500 with a small JSON error body
-``e502``   HTTP 502
-``e503``   HTTP 503
-``e429s``  HTTP 429 with ``Retry-After: <retry_after_s>`` (seconds)
-``e429d``  HTTP 429 with ``Retry-After`` as an HTTP date (now + ``retry_after_s``)
-``reset``  the request is read, then the TCP connection is reset (RST, no response at all)
-``cut``    status 200 and the full ``Content-Length``, but only the first half of the body
-           is sent before the connection closes (client sees an incomplete read)
-``slow``   the answer is delayed by ``slow_s`` seconds, then the normal payload is sent
-=========  ==============================================================================
+============  ===========================================================================
+``e500``      HTTP 500 with a small JSON error body
+``e502``      HTTP 502
+``e503``      HTTP 503
+``e429s``     HTTP 429 with ``Retry-After: <retry_after_s>`` (seconds)
+``e429d``     HTTP 429 with ``Retry-After`` as an HTTP date (now + ``retry_after_s``)
+``reset``     the request is read, then the TCP connection is reset (RST, no response at all)
+``cut``       status 200 and the full ``Content-Length``, but only the first half of the body
+              is sent before the connection closes (client sees an incomplete read)
+``slow``      the answer is delayed by ``slow_s`` seconds, then the normal payload is sent
+``trickle``   the whole normal response (status line, headers, body) is sent one byte at a
+              time, ``trickle_s`` seconds apart (a client with only a per-read timeout never
+              times out)
+``trickleb``  status line and headers (with the correct ``Content-Length``) at once, then the
+              body one byte every ``trickle_s`` seconds
+============  ===========================================================================
 
 Fixed behaviour on every request:
 
@@ -44,12 +49,37 @@ Fixed behaviour on every request:
 ``array-...``     200, body ``[]``
 ``poison-...``    200, normal payload but ``talkTime`` is ``"not-a-number"``
 ``bigint-...``    200, normal payload but ``talkTime`` is ``2**40`` (outside int32)
+``bomb-...``      200, ``Content-Encoding: gzip``, correct ``Content-Length``: about 300 KB on
+                  the wire that inflate to ``bomb_bytes`` (default 300 MiB) bytes, a
+                  JSON-looking prefix ``{"callId": "bomb", "note": "`` and then spaces
+``huge-...``      200, ``Content-Length: <huge_bytes>`` (default 100 MiB), the body (prefix
+                  ``{"callId": "huge", "note": "`` and spaces) streamed block by block
+``endless-...``   200, ``Transfer-Encoding: chunked`` and no ``Content-Length``; chunks of
+                  ``{"callId": "endless", "note": "`` and spaces until the client hangs up
+                  or the simulator stops
+``escape-...``    400 whose reason phrase is :data:`ESCAPE_REASON` and whose body (not JSON) is
+                  :data:`ESCAPE_BODY`; both carry terminal control sequences (an OSC title
+                  ``ESC]0;pwned BEL``, a CSI ``ESC[2J`` that clears the screen, a bare ``CR``)
 ================  =========================================================================
 
 Scripted ids never take random faults and never hit the random 404s described below.
 :func:`payload_for` returns what a scripted id eventually serves (``None`` for ``nf-``,
-``broken-``, ``badjson-`` and ``array-``; the modified object for ``wrongid-``,
-``nocallid-``, ``poison-`` and ``bigint-``).
+``broken-``, ``badjson-``, ``array-``, ``bomb-``, ``huge-``, ``endless-`` and ``escape-``;
+the modified object for ``wrongid-``, ``nocallid-``, ``poison-`` and ``bigint-``).
+
+Hostile servers
+---------------
+The streaming kinds (``trickle``, ``trickleb``, ``huge``, ``endless``) never hold a whole body
+in memory, end quietly as soon as a write fails (the client hung up), and wait between bytes on
+an event that :meth:`Simulator.stop` and :meth:`Simulator.refuse_connections` set, so no handler
+thread outlives the simulator.  The ``bomb`` body is compressed once per ``bomb_bytes``, on
+first use.  :meth:`Simulator.handler_threads` lists the threads still serving connections.
+
+``Simulator(refuse=True)``, or :meth:`Simulator.refuse_connections` on a running simulator,
+plays a dead API: the port stays bound by a socket that never listens, so the kernel answers
+every connection attempt with RST (``ECONNREFUSED``), while :attr:`Simulator.url` stays the
+same.  Switching hangs up the open connections.  :meth:`Simulator.stop` releases the port in
+either mode.
 
 Ordinary ids
 ------------
@@ -77,6 +107,8 @@ import struct
 import sys
 import threading
 import time
+import zlib
+from collections.abc import Iterator
 from email.utils import formatdate
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -86,6 +118,8 @@ from urllib.parse import unquote, urlsplit
 __all__ = [
     "DEFAULT_ACCESS_TOKEN",
     "DEFAULT_TENANT_ID",
+    "ESCAPE_BODY",
+    "ESCAPE_REASON",
     "Simulator",
     "payload_for",
 ]
@@ -111,7 +145,9 @@ _ENTITIES_START = 1704067200  # 2024-01-01T00:00:00Z
 _ENTITIES_SPAN_S = 600 * 86400
 _JST_OFFSET_S = 9 * 3600
 
-_SCRIPTED_RE = re.compile(r"^(e500|e502|e503|e429s|e429d|reset|cut|slow)-(\d+)(?:-|$)")
+_SCRIPTED_RE = re.compile(
+    r"^(e500|e502|e503|e429s|e429d|reset|cut|slow|trickleb|trickle)-(\d+)(?:-|$)"
+)
 _ALWAYS_PREFIXES = (
     "nf",
     "broken",
@@ -121,8 +157,31 @@ _ALWAYS_PREFIXES = (
     "array",
     "poison",
     "bigint",
+    "bomb",
+    "huge",
+    "endless",
+    "escape",
 )
+# Fixed kinds that never serve a call object (payload_for gives None).
+_NEVER_SERVED = ("nf", "broken", "badjson", "array", "bomb", "huge", "endless", "escape")
 _RANDOM_FAULTS = ("e500", "e502", "e503", "e429s", "e429d", "reset", "cut")
+
+# Hostile bodies are made of a JSON-looking prefix and then spaces, produced in blocks of this
+# size, so neither the 300 MiB the bomb inflates to nor a huge/endless body is ever in memory.
+_BLOCK = 64 * 1024
+_SPACES = b" " * _BLOCK
+_BOMB_PREFIX = b'{"callId": "bomb", "note": "'
+_HUGE_PREFIX = b'{"callId": "huge", "note": "'
+_ENDLESS_PREFIX = b'{"callId": "endless", "note": "'
+
+# What an ``escape-`` id answers.  An OSC sequence that retitles the terminal, a CSI that clears
+# the screen and a bare CR that makes the rest overwrite the line: a client that prints these
+# unescaped lets the server rewrite the operator's terminal.  No LF (it would end the status
+# line) and no whitespace at either end (http.client strips it from the reason).
+ESCAPE_REASON = "Bad Request\x1b]0;pwned\x07\x1b[2J\rall calls synced OK"
+# Raw control bytes, not JSON escapes: a server may send anything, and a client that prints the
+# start of an error body must not pass them through.  (So the body is not valid JSON.)
+ESCAPE_BODY = b'{"error": "bad request \x1b]0;pwned\x07\x1b[2J\rall calls synced OK"}'
 
 _FAMILY = (
     ("佐藤", "サトウ"),
@@ -383,12 +442,13 @@ def payload_for(call_id: str, seed: int = 0) -> dict | None:
     None when the id is one the simulator answers with 404.
 
     For scripted ids this is what the id eventually serves: ``None`` for ``nf-``, ``broken-``,
-    ``badjson-`` and ``array-`` ids (they never serve a call object), the modified object for
-    ``wrongid-``, ``nocallid-``, ``poison-`` and ``bigint-`` ids.  A fresh dict is returned on
-    every call, so callers may mutate it.
+    ``badjson-``, ``array-``, ``bomb-``, ``huge-``, ``endless-`` and ``escape-`` ids (they
+    never serve a call object), the modified object for ``wrongid-``, ``nocallid-``,
+    ``poison-`` and ``bigint-`` ids.  A fresh dict is returned on every call, so callers may
+    mutate it.
     """
     kind, _ = _classify(call_id)
-    if kind in ("nf", "broken", "badjson", "array"):
+    if kind in _NEVER_SERVED:
         return None
     if kind == "ordinary":
         return None if _is_missing(call_id, seed) else _base_payload(call_id, seed)
@@ -418,6 +478,39 @@ _STATUS_BODIES = {
     503: _json_bytes({"error": "service unavailable"}),
 }
 _BAD_JSON = b"<html>oops</html>"
+
+
+def _filler(prefix: bytes, total: int | None) -> Iterator[bytes]:
+    """``total`` bytes (forever if None) in blocks of at most ``_BLOCK``: ``prefix``, then
+    spaces.  The blocks are shared constants, so streaming them allocates nothing per block."""
+    chunk = (prefix + _SPACES)[:_BLOCK]
+    left = total
+    while left is None or left > 0:
+        if left is not None:
+            chunk = chunk[:left]  # a no-op slice (same object) unless this is the last block
+            left -= len(chunk)
+        yield chunk
+        chunk = _SPACES
+
+
+# Serialises the first build of a bomb, so concurrent first requests don't each burn a core on it.
+_BOMB_LOCK = threading.Lock()
+
+
+@lru_cache(maxsize=4)
+def _gzip_bomb(size: int) -> bytes:
+    """gzip of ``size`` bytes of ``_BOMB_PREFIX`` and spaces, compressed block by block.
+
+    Deflate tops out near 1032:1, so the default 300 MiB comes to 305,809 bytes.  Measured on
+    the 2-core AMD EPYC dev box (Python 3.11): 0.85 s for 300 MiB at level 9 (levels 6 and 9
+    give the same size and time; level 1 is 0.36 s but 4.5 times larger), about 2.8 ms per MiB.
+    Hence lazily, once per size, and under ``_BOMB_LOCK``.
+    """
+    # wbits 31 = gzip container; its header carries mtime 0, so the bytes are deterministic.
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    parts = [compressor.compress(block) for block in _filler(_BOMB_PREFIX, size)]
+    parts.append(compressor.flush())
+    return b"".join(parts)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -457,9 +550,14 @@ class _Handler(BaseHTTPRequestHandler):
         headers: tuple[tuple[str, str], ...] = (),
         *,
         truncate: bool = False,
+        reason: str | None = None,
     ) -> None:
-        """Send a complete response; with ``truncate`` send half the body and hang up."""
-        self.send_response(status)
+        """Send a complete response; with ``truncate`` send half the body and hang up.
+
+        ``reason`` replaces the standard reason phrase; send_response writes it as given
+        (latin-1), control characters included.
+        """
+        self.send_response(status, reason)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         for name, value in headers:
@@ -469,6 +567,30 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         self.end_headers()
         self.wfile.write(body[: len(body) // 2] if truncate else body)
+
+    def head_bytes(self, status: int, headers: tuple[tuple[str, str], ...]) -> bytes:
+        """Status line and headers as send_response/send_header would write them, for callers
+        that must send them piecemeal (trickle) instead of in one go."""
+        lines = [
+            f"{self.protocol_version} {status} {self.responses[status][0]}",
+            f"Server: {self.version_string()}",
+            f"Date: {self.date_time_string()}",
+            *(f"{name}: {value}" for name, value in headers),
+        ]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def send_raw(self, data: bytes) -> bool:
+        """Write ``data``; False (and the connection marked for closing) if the client is gone.
+
+        A hostile stream runs until the client hangs up, so a failed write is the normal end,
+        not an error worth a traceback.
+        """
+        try:
+            self.wfile.write(data)
+        except OSError:
+            self.close_connection = True
+            return False
+        return True
 
     def reset_connection(self) -> None:
         """Abort the connection with a TCP RST instead of answering."""
@@ -495,16 +617,47 @@ class _Server(ThreadingHTTPServer):
     # blocks for as long as any client keeps an idle keep-alive connection open.
     block_on_close = False
 
-    def __init__(self, address: tuple[str, int], sim: Simulator) -> None:
+    def __init__(self, address: tuple[str, int], sim: Simulator, *, listen: bool = True) -> None:
         self.sim = sim
         self._conns: set[socket.socket] = set()
+        # Not "_threads": ThreadingMixIn uses that name for its own (here unused) bookkeeping.
+        self._handlers: set[threading.Thread] = set()
         self._conns_lock = threading.Lock()
-        super().__init__(address, _Handler)
+        super().__init__(address, _Handler, bind_and_activate=False)
+        try:
+            self.server_bind()
+            if listen:
+                self.server_activate()
+            else:
+                _reserve(self.socket)
+        except BaseException:
+            self.server_close()
+            raise
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        # ThreadingMixIn.process_request, but keeping the thread so handler_threads() can list
+        # it; registered before start() so it is visible as soon as the connection is accepted.
+        thread = threading.Thread(
+            target=self.process_request_thread,
+            args=(request, client_address),
+            name=f"commubo-sim-{self.server_address[1]}-conn",
+            daemon=True,
+        )
         with self._conns_lock:
             self._conns.add(request)
-        super().process_request(request, client_address)
+            self._handlers.add(thread)
+        thread.start()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._conns_lock:
+                self._handlers.discard(threading.current_thread())
+
+    def handler_threads(self) -> list[threading.Thread]:
+        with self._conns_lock:
+            return [t for t in self._handlers if t.is_alive()]
 
     def shutdown_request(self, request: Any) -> None:
         with self._conns_lock:
@@ -517,7 +670,32 @@ class _Server(ThreadingHTTPServer):
             conns = list(self._conns)
         for conn in conns:
             with contextlib.suppress(OSError):
+                # Also wakes a handler blocked in sendall() to a client that stopped reading.
                 conn.shutdown(socket.SHUT_RDWR)
+
+    def join_handlers(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds in all for the handler threads to end."""
+        deadline = time.monotonic() + timeout
+        for thread in self.handler_threads():
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def stop_listening(self) -> None:
+        """Swap the listening socket for one bound to the same address that never listens."""
+        address = self.server_address[:2]
+        self.socket.close()
+        # A listening socket cannot be turned back portably (Linux's shutdown(SHUT_RD) can), so
+        # close and rebind at once: another process would have to bind this very port within
+        # microseconds to take it.  SO_REUSEADDR lets the bind past the TIME_WAIT left by the
+        # connections we just hung up.
+        sock = socket.socket(self.address_family, self.socket_type)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            _reserve(sock)
+        except BaseException:
+            sock.close()
+            raise
+        self.socket = sock
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Clients hanging up (timeouts, our own resets) are expected; don't print tracebacks.
@@ -525,6 +703,15 @@ class _Server(ThreadingHTTPServer):
         if isinstance(exc, (OSError, ValueError)):
             return
         super().handle_error(request, client_address)
+
+
+def _reserve(sock: socket.socket) -> None:
+    """Keep a bound, never-listening socket's port to ourselves.
+
+    Clearing SO_REUSEADDR after bind() matters: with it set on both sides, Linux lets another
+    SO_REUSEADDR socket (another Simulator, say) bind the port and listen on it.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
 
 
 def _check_loopback(host: str) -> None:
@@ -536,7 +723,8 @@ class Simulator:
     """A local commubo connect API serving deterministic call objects and scripted faults.
 
     Binding happens in the constructor (port 0 picks a free port), so :attr:`url` and
-    :attr:`port` are valid before :meth:`start`.  See the module docstring for the id grammar.
+    :attr:`port` are valid before :meth:`start`.  See the module docstring for the id grammar,
+    the hostile-server kinds and the refusing mode (``refuse``).
     """
 
     def __init__(
@@ -551,12 +739,19 @@ class Simulator:
         access_token: str = DEFAULT_ACCESS_TOKEN,
         slow_s: float = 2.0,
         retry_after_s: int = 1,
+        trickle_s: float = 1.0,
+        bomb_bytes: int = 300 * 2**20,
+        huge_bytes: int = 100 * 2**20,
+        refuse: bool = False,
     ) -> None:
         _check_loopback(host)
         if not 0.0 <= fault_rate <= 1.0:
             raise ValueError("fault_rate must be between 0 and 1")
-        if latency_ms < 0 or slow_s < 0 or retry_after_s < 0:
-            raise ValueError("latency_ms, slow_s and retry_after_s must not be negative")
+        if min(latency_ms, slow_s, retry_after_s, trickle_s, bomb_bytes, huge_bytes) < 0:
+            raise ValueError(
+                "latency_ms, slow_s, retry_after_s, trickle_s, bomb_bytes and huge_bytes "
+                "must not be negative"
+            )
         self.latency_ms = latency_ms
         self.fault_rate = fault_rate
         self.seed = seed
@@ -564,23 +759,38 @@ class Simulator:
         self.access_token = access_token
         self.slow_s = slow_s
         self.retry_after_s = retry_after_s
+        self.trickle_s = trickle_s
+        self.bomb_bytes = bomb_bytes
+        self.huge_bytes = huge_bytes
         self._counts: dict[str, int] = {}
         self._total = 0
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        # The thread running serve_forever() in the foreground (etl simulate), if any.
+        self._foreground: threading.Thread | None = None
         self._closed = False
+        self._refusing = refuse
+        # stop() and refuse_connections() are not meant to race, but a Ctrl-C in the foreground
+        # while another thread switches modes should not tear the server down twice at once.
+        self._lifecycle = threading.Lock()
+        # Set when open connections must end (stop or refuse): handlers wait on it instead of
+        # sleeping, so a trickle, a slow answer or an endless body ends at once.
+        self._hang_up = threading.Event()
+        # Set by stop(); the foreground serve_forever() waits on it while refusing.
+        self._stopped = threading.Event()
         # Bind now and read the port back, so port 0 has no window for another process.
-        self._server = _Server((host, port), self)
+        self._server = _Server((host, port), self, listen=not refuse)
         self.port: int = self._server.server_address[1]
         self.url: str = f"http://{self._server.server_address[0]}:{self.port}"
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> Simulator:
-        """Serve in a daemon background thread and return self (no-op if already running)."""
+        """Serve in a daemon background thread and return self (no-op if already running, and
+        while refusing connections: there is nothing to serve)."""
         if self._closed:
             raise RuntimeError("simulator was stopped; create a new one")
-        if self._thread is None:
+        if self._thread is None and not self._refusing:
             self._thread = threading.Thread(
                 target=self._server.serve_forever,
                 kwargs={"poll_interval": 0.05},
@@ -591,29 +801,81 @@ class Simulator:
         return self
 
     def stop(self) -> None:
-        """Stop serving, hang up open connections, close the socket and join the thread."""
-        if self._closed:
-            return
-        self._closed = True
+        """Stop serving, hang up open connections, close the socket and join the threads.
+
+        Works in either mode (serving or refusing) and releases the port.  Handler threads get
+        up to a second in all to end; streaming ones are woken at once, so they need far less.
+        """
+        with self._lifecycle:
+            if self._closed:
+                return
+            self._closed = True
+            self._stopped.set()
+            self._hang_up.set()
+            self._halt_loop()
+            self._server.close_connections()
+            self._server.server_close()
+            self._server.join_handlers(1.0)
+
+    def refuse_connections(self) -> None:
+        """Play a dead API from now on: stop serving, hang up open connections and keep the
+        port bound by a socket that never listens, so connection attempts get ECONNREFUSED.
+
+        :attr:`url` and :attr:`port` stay the same; :meth:`stop` releases the port.  A no-op
+        if already refusing.
+        """
+        with self._lifecycle:
+            if self._closed:
+                raise RuntimeError("simulator was stopped; create a new one")
+            if self._refusing:
+                return
+            self._refusing = True
+            # Set for good: no connection arrives any more, so nothing needs it cleared.
+            self._hang_up.set()
+            self._halt_loop()
+            self._server.close_connections()
+            self._server.stop_listening()
+            self._server.join_handlers(1.0)
+
+    @property
+    def refusing(self) -> bool:
+        """Whether the simulator refuses connections (``refuse=True`` or refuse_connections())."""
+        return self._refusing
+
+    def handler_threads(self) -> list[threading.Thread]:
+        """The threads still serving a connection (one per open connection)."""
+        return self._server.handler_threads()
+
+    def _halt_loop(self) -> None:
+        """End the accept loop, background or foreground, and wait until it has."""
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join()
             self._thread = None
-        self._server.close_connections()
-        self._server.server_close()
+        elif self._foreground not in (None, threading.current_thread()):
+            # shutdown() waits for serve_forever() to return, which it can only do if it runs
+            # in another thread; BaseServer.shutdown() would block forever if no loop ran.
+            self._server.shutdown()
 
     def serve_forever(self) -> None:
-        """Serve in the foreground until Ctrl-C (used by the ``etl simulate`` command)."""
+        """Serve in the foreground until Ctrl-C (used by the ``etl simulate`` command).
+
+        While refusing connections (from the start or since refuse_connections()) it just
+        keeps the port until Ctrl-C or stop().
+        """
         if self._closed:
             raise RuntimeError("simulator was stopped; create a new one")
         try:
-            self._server.serve_forever(poll_interval=0.2)
+            if not self._refusing:
+                self._foreground = threading.current_thread()
+                self._server.serve_forever(poll_interval=0.2)
+            # The loop returns on stop() or refuse_connections(); for the latter, hold the port.
+            self._stopped.wait()
         except KeyboardInterrupt:
             pass
         finally:
-            self._closed = True
-            self._server.close_connections()
-            self._server.server_close()
+            self._foreground = None
+            self.stop()
 
     def __enter__(self) -> Simulator:
         return self.start()
@@ -662,7 +924,7 @@ class Simulator:
         attempt = self._count(call_id)
 
         if self.latency_ms:
-            time.sleep(self.latency_ms / 1000)
+            self._hang_up.wait(self.latency_ms / 1000)
         if (
             h.headers.get("x-commubo-tenantId") != self.tenant_id
             or h.headers.get("x-commubo-accessToken") != self.access_token
@@ -687,8 +949,12 @@ class Simulator:
                     return
         elif kind == "slow":
             if attempt < n:
-                time.sleep(self.slow_s)
-        elif kind in ("nf", "broken", "badjson", "array"):
+                self._hang_up.wait(self.slow_s)
+        elif kind in ("trickle", "trickleb"):
+            if attempt < n:
+                self._trickle(h, call_id, whole=kind == "trickle")
+                return
+        elif kind in _NEVER_SERVED:
             self._fixed(h, kind)
             return
         elif attempt < n:
@@ -707,8 +973,71 @@ class Simulator:
             h.send_body(500, _STATUS_BODIES[500])
         elif kind == "badjson":
             h.send_body(200, _BAD_JSON)
-        else:  # array
+        elif kind == "array":
             h.send_body(200, b"[]")
+        elif kind == "bomb":
+            with _BOMB_LOCK:
+                body = _gzip_bomb(self.bomb_bytes)
+            h.send_body(200, body, (("Content-Encoding", "gzip"),))
+        elif kind == "huge":
+            self._huge(h)
+        elif kind == "endless":
+            self._endless(h)
+        else:  # escape
+            h.send_body(400, ESCAPE_BODY, reason=ESCAPE_REASON)
+
+    def _trickle(self, h: _Handler, call_id: str, *, whole: bool) -> None:
+        """The normal response one byte every ``trickle_s``: all of it (``whole``), or the body
+        only after the status line and headers went out at once."""
+        body = _json_bytes(payload_for(call_id, self.seed))
+        head = h.head_bytes(
+            200, (("Content-Type", "application/json"), ("Content-Length", str(len(body))))
+        )
+        if whole:
+            data = head + body
+        else:
+            if not h.send_raw(head):
+                return
+            data = body
+            # The head went out; the first body byte waits like every later one.
+            if self._hang_up.wait(self.trickle_s):
+                h.close_connection = True
+                return
+        for i in range(len(data)):
+            # Wait on the event, not time.sleep: stop() or refuse_connections() ends the
+            # trickle at once instead of leaving the thread asleep for up to trickle_s.
+            if i and self._hang_up.wait(self.trickle_s):
+                h.close_connection = True
+                return
+            if not h.send_raw(data[i : i + 1]):
+                return
+
+    def _huge(self, h: _Handler) -> None:
+        """200 announcing ``huge_bytes`` and streaming them, a block at a time."""
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(self.huge_bytes))
+        h.end_headers()
+        for block in _filler(_HUGE_PREFIX, self.huge_bytes):
+            if self._hang_up.is_set():
+                # The body is unfinished, so the connection cannot be reused.
+                h.close_connection = True
+                return
+            if not h.send_raw(block):
+                return
+
+    def _endless(self, h: _Handler) -> None:
+        """200 with a chunked body that never ends (until hang-up or stop)."""
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        for block in _filler(_ENDLESS_PREFIX, None):
+            if self._hang_up.is_set():
+                h.close_connection = True
+                return
+            if not h.send_raw(b"%x\r\n%b\r\n" % (len(block), block)):
+                return
 
     def _fault(self, h: _Handler, kind: str, body: bytes) -> None:
         """Inject one fault of ``kind``; ``body`` is the payload a cut response truncates."""

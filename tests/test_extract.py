@@ -14,8 +14,8 @@ from helpers import make_settings
 from etl.config import Secret, Settings
 from etl.errors import AuthError
 from etl.extract import Extractor
-from etl.policy import parse_retry_after
 from etl.outcome import FAILED, NOT_FOUND, OK, Outcome
+from etl.policy import parse_retry_after
 from etl.simulator import Simulator, payload_for
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import socket
+import threading
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -17,6 +20,8 @@ import requests
 from etl.simulator import (
     DEFAULT_ACCESS_TOKEN,
     DEFAULT_TENANT_ID,
+    ESCAPE_BODY,
+    ESCAPE_REASON,
     Simulator,
     payload_for,
 )
@@ -42,6 +47,52 @@ def session() -> Iterator[requests.Session]:
 
 def get(session: requests.Session, sim: Simulator, call_id: str, **kw) -> requests.Response:
     return session.get(f"{sim.url}/v1/calls/{call_id}", timeout=kw.pop("timeout", 5), **kw)
+
+
+def raw_get(port: int, call_id: str) -> socket.socket:
+    """A socket that has sent one GET for call_id and not read anything yet."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    lines = [f"GET /v1/calls/{call_id} HTTP/1.1", "Host: 127.0.0.1"]
+    lines += [f"{name}: {value}" for name, value in HEADERS.items()]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    return sock
+
+
+def recv_until(sock: socket.socket, marker: bytes, data: bytes = b"") -> bytes:
+    """Read until ``marker`` shows up (the socket timeout bounds the wait)."""
+    while marker not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before {marker!r}; got {data[:200]!r}"
+        data += chunk
+    return data
+
+
+def hung_up(sock: socket.socket) -> bool:
+    """Read away what the server still sends until it closes or resets the connection; if it
+    keeps the connection open, the socket timeout raises and the test fails."""
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def only_handler(sim: Simulator) -> threading.Thread:
+    threads = sim.handler_threads()
+    assert len(threads) == 1, threads
+    return threads[0]
+
+
+def port_is_bound(port: int) -> bool:
+    """Whether something holds 127.0.0.1:port (a plain bind, no SO_REUSEADDR, fails)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            assert exc.errno == errno.EADDRINUSE
+            return True
+    return False
 
 
 def test_url_and_port(sim: Simulator) -> None:
@@ -295,3 +346,332 @@ def test_stop_with_idle_keepalive_connection_is_prompt(session: requests.Session
 def test_refuses_non_loopback_host() -> None:
     with pytest.raises(ValueError):
         Simulator(host="0.0.0.0")
+
+
+# -- hostile-server faults ---------------------------------------------------------------------
+
+
+def test_hostile_kinds_never_serve_a_payload() -> None:
+    for call_id in ("bomb-x", "huge-x", "endless-x", "escape-x"):
+        assert payload_for(call_id) is None
+    # Trickles eventually serve the normal payload.
+    for call_id in ("trickle-1-x", "trickleb-1-x"):
+        assert payload_for(call_id) is not None
+
+
+@pytest.mark.parametrize("kind", ["trickle", "trickleb"])
+def test_trickled_responses_are_well_formed(kind: str) -> None:
+    # trickle_s=0: still one byte per send, so the bytes are checked without the wait.
+    with Simulator(trickle_s=0) as s:
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+        for _ in range(2):  # the connection stays usable after a trickled response
+            conn.request("GET", f"/v1/calls/{kind}-99-x", headers=HEADERS)
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.status == 200
+            assert resp.getheader("Content-Type") == "application/json"
+            assert int(resp.getheader("Content-Length")) == len(body)
+            assert json.loads(body) == payload_for(f"{kind}-99-x")
+        conn.close()
+        assert s.requests_for(f"{kind}-99-x") == 2
+
+
+def test_trickle_sends_one_byte_at_a_time_then_recovers(session: requests.Session) -> None:
+    trickle_s = 0.5
+    with Simulator(trickle_s=trickle_s) as s:
+        t0 = time.monotonic()
+        sock = raw_get(s.port, "trickle-1-x")
+        data = sock.recv(4096)
+        # Whatever the load, the server cannot have sent more than one byte per trickle_s
+        # since the request went out (plus the first byte, sent at once).
+        assert 1 <= len(data) <= 1 + (time.monotonic() - t0) / trickle_s
+        assert b"HTTP/1.1 200 OK".startswith(data)
+        while len(data) < 4:
+            data += sock.recv(4096)
+            assert len(data) <= 1 + (time.monotonic() - t0) / trickle_s
+        assert b"HTTP/1.1 200 OK".startswith(data)
+
+        # Hanging up ends the handler: the next writes fail and it returns quietly.
+        handler = only_handler(s)
+        sock.close()
+        handler.join(10)
+        assert not handler.is_alive()
+
+        # Only the first request trickles.
+        r = get(session, s, "trickle-1-x")
+        assert r.status_code == 200
+        assert r.json() == payload_for("trickle-1-x")
+        assert s.requests_for("trickle-1-x") == 2
+
+
+def test_trickleb_sends_the_head_at_once_then_trickles_the_body(
+    session: requests.Session,
+) -> None:
+    trickle_s = 0.5
+    with Simulator(trickle_s=trickle_s) as s:
+        t0 = time.monotonic()
+        sock = raw_get(s.port, "trickleb-1-x")
+        data = recv_until(sock, b"\r\n\r\n")
+        elapsed = time.monotonic() - t0
+        head, _, body = data.partition(b"\r\n\r\n")
+        # More bytes than a trickle could have sent by now: the head came in one go.
+        assert len(head) > 1 + elapsed / trickle_s
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        expected = json.dumps(payload_for("trickleb-1-x"), ensure_ascii=False).encode()
+        assert f"\r\nContent-Length: {len(expected)}".encode() in head
+        # ... while the body trickles.
+        body += sock.recv(4096)
+        assert 1 <= len(body) <= 1 + (time.monotonic() - t0) / trickle_s
+        assert expected.startswith(body)
+
+        handler = only_handler(s)
+        sock.close()
+        handler.join(10)
+        assert not handler.is_alive()
+        assert get(session, s, "trickleb-1-x").json() == payload_for("trickleb-1-x")
+
+
+def test_bomb_is_small_on_the_wire_and_inflates_past_100_mb() -> None:
+    with Simulator() as s:
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        conn.request("GET", "/v1/calls/bomb-x", headers=HEADERS)
+        resp = conn.getresponse()
+        wire = resp.read()  # http.client does not decode Content-Encoding
+        assert resp.status == 200
+        assert resp.getheader("Content-Type") == "application/json"
+        assert resp.getheader("Content-Encoding") == "gzip"
+        assert int(resp.getheader("Content-Length")) == len(wire)
+        assert 0 < len(wire) < 2**20  # about 300 KB
+
+        # Inflate a MiB at a time, so the test never holds the 300 MiB.
+        inflater = zlib.decompressobj(31)
+        first = inflater.decompress(wire, 2**20)
+        total = len(first)
+        pending = inflater.unconsumed_tail
+        while pending:
+            total += len(inflater.decompress(pending, 2**20))
+            pending = inflater.unconsumed_tail
+        total += len(inflater.flush())
+        assert inflater.eof
+        assert first.startswith(b'{"callId": "bomb"')
+        assert first[-64:] == b" " * 64
+        assert total == s.bomb_bytes == 300 * 2**20
+        assert total > 100 * 2**20
+
+        # Same answer every time (built once, then cached).
+        conn.request("GET", "/v1/calls/bomb-x", headers=HEADERS)
+        again = conn.getresponse()
+        assert again.status == 200
+        assert again.read() == wire
+        conn.close()
+        assert s.requests_for("bomb-x") == 2
+
+
+def test_huge_announces_the_length_and_streams_it(session: requests.Session) -> None:
+    size = 3 * 2**20 + 5  # not a whole number of blocks
+    with Simulator(huge_bytes=size) as s:
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        conn.request("GET", "/v1/calls/huge-x", headers=HEADERS)
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.getheader("Content-Length") == str(size)
+        first = resp.read(2**16)
+        total = len(first)
+        while chunk := resp.read(2**20):
+            total += len(chunk)
+        assert total == size
+        assert first.startswith(b'{"callId": "huge"')
+        # The body was complete, so the keep-alive connection is still in step.
+        conn.request("GET", "/v1/calls/call-000001", headers=HEADERS)
+        assert json.loads(conn.getresponse().read()) == payload_for("call-000001")
+        conn.close()
+
+
+def test_huge_default_announces_100_mib_and_stops_when_the_client_hangs_up() -> None:
+    with Simulator() as s:
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        conn.request("GET", "/v1/calls/huge-x", headers=HEADERS)
+        resp = conn.getresponse()
+        assert resp.getheader("Content-Length") == str(100 * 2**20)
+        got = 0
+        while got < 2**20:
+            got += len(resp.read(2**16))
+        handler = only_handler(s)
+        conn.close()
+        handler.join(10)
+        assert not handler.is_alive()
+
+
+def test_endless_streams_until_the_client_hangs_up(session: requests.Session) -> None:
+    with Simulator() as s:
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        conn.request("GET", "/v1/calls/endless-x", headers=HEADERS)
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.getheader("Transfer-Encoding") == "chunked"
+        assert resp.getheader("Content-Length") is None
+        first = resp.read(2**16)  # http.client takes the chunking apart
+        assert first.startswith(b'{"callId": "endless"')
+        got = len(first)
+        while got <= 4 * 2**20:
+            chunk = resp.read(2**16)
+            assert chunk, "the endless body ended"
+            got += len(chunk)
+        handler = only_handler(s)
+        conn.close()
+        handler.join(10)
+        assert not handler.is_alive()
+        assert get(session, s, "call-000001").status_code == 200  # still serving
+
+
+def test_escape_reason_and_body_arrive_with_control_characters(
+    sim: Simulator, session: requests.Session
+) -> None:
+    for text in (ESCAPE_REASON, ESCAPE_BODY.decode()):
+        assert "\x1b]0;pwned\x07" in text
+        assert "\x1b[2J" in text
+        assert "\r" in text
+        assert "\n" not in text
+    assert ESCAPE_REASON.strip() == ESCAPE_REASON  # http.client would strip the ends
+
+    # The bytes on the wire: send_response writes the reason as given.
+    sock = raw_get(sim.port, "escape-x")
+    data = recv_until(sock, b"\r\n\r\n")
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0]
+    # Splitting on CRLF: the bare CR inside the reason does not end the line.
+    assert status_line == b"HTTP/1.1 400 " + ESCAPE_REASON.encode("latin-1")
+    while len(body) < len(ESCAPE_BODY):
+        body += sock.recv(4096)
+    assert body == ESCAPE_BODY
+    sock.close()
+
+    # What http.client (and so requests) makes of it.
+    conn = http.client.HTTPConnection("127.0.0.1", sim.port, timeout=10)
+    conn.request("GET", "/v1/calls/escape-x", headers=HEADERS)
+    resp = conn.getresponse()
+    assert resp.status == 400
+    assert resp.reason == ESCAPE_REASON
+    assert resp.read() == ESCAPE_BODY
+    conn.close()
+    r = get(session, sim, "escape-x")
+    assert r.status_code == 400
+    assert r.reason == ESCAPE_REASON
+    assert r.content == ESCAPE_BODY
+    assert sim.requests_for("escape-x") == 3
+
+
+def test_refuse_from_the_start_keeps_the_port_until_stop() -> None:
+    s = Simulator(refuse=True).start()
+    try:
+        assert s.refusing
+        assert s.url == f"http://127.0.0.1:{s.port}"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", s.port), timeout=5)
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(f"{s.url}/v1/calls/call-1", headers=HEADERS, timeout=5)
+        assert port_is_bound(s.port)
+        # Not even an SO_REUSEADDR server (such as another simulator) can take it.
+        with pytest.raises(OSError) as info:
+            Simulator(port=s.port)
+        assert info.value.errno == errno.EADDRINUSE
+    finally:
+        s.stop()
+    assert not port_is_bound(s.port)
+
+
+def test_refuse_connections_switches_a_running_simulator(session: requests.Session) -> None:
+    s = Simulator(trickle_s=60).start()
+    try:
+        url = s.url
+        assert get(session, s, "call-000001").status_code == 200
+        keepalive = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+        keepalive.request("GET", "/v1/calls/call-000002", headers=HEADERS)
+        assert keepalive.getresponse().read()
+        trickling = raw_get(s.port, "trickle-9-x")
+        assert trickling.recv(1) == b"H"
+        handlers = s.handler_threads()
+        assert len(handlers) == 3  # the session's pooled connection, keepalive, trickling
+
+        s.refuse_connections()
+        assert s.refusing
+        assert s.url == url
+        # Open connections were hung up and their handlers have ended.
+        assert hung_up(trickling)
+        assert keepalive.sock is not None
+        assert hung_up(keepalive.sock)
+        for thread in handlers:
+            thread.join(10)
+            assert not thread.is_alive()
+        # New ones are refused by the kernel, while the port stays ours.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", s.port), timeout=5)
+        assert port_is_bound(s.port)
+        s.refuse_connections()  # already refusing: nothing changes
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", s.port), timeout=5)
+        s.start()  # nothing to serve: stays refusing
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", s.port), timeout=5)
+    finally:
+        s.stop()
+    with pytest.raises(RuntimeError):
+        s.refuse_connections()
+    # Released: a new simulator can listen on the same port (TIME_WAIT from the hung-up
+    # connections rules out a plain bind, SO_REUSEADDR copes).
+    Simulator(port=s.port).stop()
+
+
+def test_stop_is_prompt_with_hostile_streams_open() -> None:
+    s = Simulator(trickle_s=60, slow_s=60).start()
+    trickle = raw_get(s.port, "trickle-9-x")
+    assert trickle.recv(1) == b"H"
+    trickleb = raw_get(s.port, "trickleb-9-x")
+    recv_until(trickleb, b"\r\n\r\n")
+    endless = raw_get(s.port, "endless-x")
+    recv_until(endless, b'"callId": "endless"')  # then stop reading: the server blocks
+    huge = raw_get(s.port, "huge-x")
+    recv_until(huge, b'"callId": "huge"')
+    slow = raw_get(s.port, "slow-9-x")
+    deadline = time.monotonic() + 10
+    while s.requests_for("slow-9-x") == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    handlers = s.handler_threads()
+    assert len(handlers) == 5
+
+    t0 = time.monotonic()
+    s.stop()
+    assert time.monotonic() - t0 < 5
+    for thread in handlers:
+        thread.join(10)
+        assert not thread.is_alive()
+    for sock in (trickle, trickleb, endless, huge, slow):
+        assert hung_up(sock)
+        sock.close()
+    Simulator(port=s.port).stop()  # the port was released
+
+
+def test_rejects_negative_hostile_settings() -> None:
+    for kwargs in ({"trickle_s": -1}, {"bomb_bytes": -1}, {"huge_bytes": -1}):
+        with pytest.raises(ValueError):
+            Simulator(**kwargs)
+
+
+def test_foreground_serve_forever_keeps_refusing_until_stop(session: requests.Session) -> None:
+    # The `etl simulate` path: serve_forever() in its own thread (here not the main one).
+    s = Simulator()
+    foreground = threading.Thread(target=s.serve_forever, daemon=True)
+    foreground.start()
+    try:
+        assert get(session, s, "call-000001", timeout=10).status_code == 200
+        s.refuse_connections()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", s.port), timeout=5)
+        foreground.join(0.2)
+        assert foreground.is_alive()  # still holding the port, as a dead API would
+        assert port_is_bound(s.port)
+    finally:
+        s.stop()
+    foreground.join(10)
+    assert not foreground.is_alive()
+    Simulator(port=s.port).stop()  # the port was released
