@@ -19,7 +19,7 @@ from .errors import DatabaseError, FatalError, InputError, Interrupted, RemoteCo
 from .extract import Extractor
 from .ids import is_valid_call_id
 from .load import LOADED, Loader
-from .outcome import FAILED, NOT_FOUND, OK, Outcome
+from .outcome import FAILED, NOT_FOUND, Outcome
 
 log = logging.getLogger(__name__)
 
