@@ -51,6 +51,7 @@ from .db import describe_db_error
 from .errors import DatabaseError, PayloadError
 from .outcome import FAILED, NOT_FOUND, OK, Outcome
 from .schema import calls, customer_phone_numbers, customers, etl_call_status, operators, scenarios
+from .text import printable
 from .transform import CallRows, transform
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,9 @@ class Loader:
 
         now = datetime.now(UTC)
         statuses = {i.call_id: {"call_id": i.call_id, "status": i.status,
-                                "http_status": i.http_status, "error": i.error,
+                                "http_status": i.http_status,
+                                # A reason may quote what the server sent (a value, a phrase).
+                                "error": printable(i.error, 500) if i.error else None,
                                 "attempts": i.attempts, "run_id": self.run_id,
                                 "updated_at": now} for i in items}
         self._execute(conn, etl_call_status, "call_id", "update",

@@ -490,3 +490,17 @@ def test_a_ca_bundle_that_does_not_exist_is_refused_before_any_request(sim, sqli
         "or CURL_CA_BUNDLE) does not exist"]
     assert sim.total_requests == 0
     assert not (tmp_path / "warehouse.db").exists() or run_rows(sqlite_url) == []
+
+
+def test_a_reason_that_quotes_the_payload_is_stored_escaped(route_server, sim, sqlite_url):
+    # A valid JSON string may hold any control character; a reason quoting it must not.
+    server = route_server(lambda h, _id: answer(
+        h, 200, b'{"callId": "other\\u001b]0;pwned\\u0007\\r"}'))
+    run_sync(make_settings(sim, sqlite_url, base_url=server.url), ["a"])
+    engine = create_engine(sqlite_url)
+    with engine.connect() as conn:
+        error = conn.execute(select(etl_call_status.c.error)).scalar_one()
+    engine.dispose()
+    assert error.startswith("bad payload: ")
+    assert "other\\x1b]0;pwned\\x07\\r" in error
+    assert no_control(error)
