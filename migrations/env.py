@@ -14,16 +14,23 @@ config = context.config
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
+        # Handed in by etl.db.upgrade() inside its migration_transaction(): Alembic sees the
+        # transaction open and leaves beginning and ending it to the caller.
         _run(connection)
         return
     from etl.config import load_settings
-    from etl.db import make_engine
+    from etl.db import make_engine, migration_transaction
 
     url = config.get_main_option("sqlalchemy.url") or load_settings().database_url
     engine = make_engine(url if not isinstance(url, str) else load_settings(
         overrides={"database_url": url}).database_url)
-    with engine.begin() as conn:
-        _run(conn)
+    # The transaction etl.db.upgrade() uses too: `engine.begin()` alone would leave SQLite's
+    # DDL autocommitted statement by statement, so a crash could leave half a migration.
+    try:
+        with engine.connect() as conn, migration_transaction(conn):
+            _run(conn)
+    finally:
+        engine.dispose()
 
 
 def _run(connection) -> None:
