@@ -1,5 +1,6 @@
 """Loading fetched calls into the warehouse: one transaction per batch, upserts in a fixed key
-order, newest snapshot wins, and a bad row isolated instead of failing its batch (SPEC section 5).
+order, newest snapshot wins, the newest fetch of a call wins, and a bad row isolated instead of
+failing its batch (SPEC section 5).
 
 Dialect differences (PostgreSQL vs SQLite upsert) live in `_execute`/`_statement` and nowhere
 else.
@@ -60,11 +61,16 @@ LOADED = "loaded"
 # Waits before retrying a batch whose connection dropped or that hit a transient error
 # (deadlock, serialization failure, server restart); then the run stops with exit 3.
 RECONNECT_DELAYS_S = (0.5, 2.0, 5.0)
+# Call ids per IN (...) list when looking up stored fetch times.
+_LOOKUP_CHUNK = 5000
 
 
 @dataclass(slots=True)
 class _Item:
-    """One call id on its way into a transaction: its rows (if any) and its status row."""
+    """One call id on its way into a transaction: its rows (if any) and its status row.
+    `fetched_at` is when the answer arrived, or for an outcome that does not say (404s and
+    failures), when the batch reached the loader: no earlier than the answer. `superseded` is
+    set by the transaction that found a newer fetch of the call stored, or in the batch."""
 
     call_id: str
     status: str
@@ -72,6 +78,14 @@ class _Item:
     http_status: int | None
     error: str | None
     attempts: int
+    fetched_at: datetime
+    superseded: bool = False
+    warnings: str | None = None  # what falls outside the API doc, "; "-joined
+
+
+class _Overtaken(Exception):
+    """A newer fetch of a call whose 404 or failure this batch was recording committed while
+    the batch wrote its statuses: the batch must be written again."""
 
 
 class _RowRejected(Exception):
@@ -90,6 +104,8 @@ class Loader:
         self.run_id = run_id
         self._postgres = engine.dialect.name == "postgresql"
         self._statements: dict[tuple[str, str], Any] = {}
+        # Fields the API sent that the doc does not list, over every batch of this loader.
+        self.unknown_fields: set[str] = set()
 
     def load(self, outcomes: Sequence[Outcome]) -> dict[str, int]:
         now = datetime.now(UTC)
@@ -99,20 +115,25 @@ class Loader:
     # -- preparing ---------------------------------------------------------------------------
 
     def _prepare(self, o: Outcome, now: datetime) -> _Item:
+        fetched_at = _utc(o.fetched_at) if o.fetched_at is not None else now
         if o.status != OK:
-            return _Item(o.call_id, o.status, None, o.http_status, o.error, o.attempts)
+            return _Item(o.call_id, o.status, None, o.http_status, o.error, o.attempts,
+                         fetched_at)
         body_text = _nul_free_text(o.body)
         try:
-            rows = transform(o.payload, call_id=o.call_id, fetched_at=o.fetched_at or now,
+            rows = transform(o.payload, call_id=o.call_id, fetched_at=fetched_at,
                              run_id=self.run_id, nul_free=body_text is not None)
         except PayloadError as exc:
             return _Item(o.call_id, FAILED, None, o.http_status, f"bad payload: {exc}",
-                         o.attempts)
+                         o.attempts, fetched_at)
         if self._postgres:
             # `raw` is staged as JSON text: the body exactly as received when it is usable as
             # is, else the (U+0000-stripped) payload serialised again.
             rows.call["raw"] = body_text if body_text is not None else _json(rows.call["raw"])
-        return _Item(o.call_id, LOADED, rows, o.http_status, None, o.attempts)
+        if rows.unknown_fields:
+            self.unknown_fields.update(rows.unknown_fields)
+        return _Item(o.call_id, LOADED, rows, o.http_status, None, o.attempts, fetched_at,
+                     warnings="; ".join(rows.warnings) or None)
 
     # -- isolating bad rows --------------------------------------------------------------------
 
@@ -141,8 +162,16 @@ class Loader:
                 with self.engine.connect() as conn:
                     if self._postgres:
                         self._ensure_stages(conn)
-                    with conn.begin():
-                        self._write(conn, items)
+                    while True:
+                        try:
+                            with conn.begin():
+                                self._write(conn, items)
+                            break
+                        except _Overtaken:
+                            # Rolled back; written again, the newer fetch is now seen. Each
+                            # round needs another newer fetch to commit meanwhile.
+                            log.debug("a newer fetch committed meanwhile; writing the batch "
+                                      "again")
                 return
             except (DataError, IntegrityError) as exc:
                 raise _RowRejected(describe_db_error(exc, self.engine.url)) from None
@@ -175,6 +204,17 @@ class Loader:
     # -- one transaction -----------------------------------------------------------------------
 
     def _write(self, conn: Connection, items: list[_Item]) -> None:
+        # One outcome per call: the newest fetch wins inside the batch too (a library caller
+        # may pass an id twice; customers and operators still go by their snapshot times).
+        # Decided afresh by each try of the transaction.
+        newest: dict[str, _Item] = {}
+        for item in items:
+            held_item = newest.get(item.call_id)
+            item.superseded = held_item is not None and item.fetched_at < held_item.fetched_at
+            if not item.superseded:
+                if held_item is not None:
+                    held_item.superseded = True
+                newest[item.call_id] = item
         call_rows: dict[str, dict[str, Any]] = {}
         customer_rows: dict[str, CallRows] = {}
         operator_rows: dict[str, dict[str, Any]] = {}
@@ -183,7 +223,8 @@ class Loader:
             r = item.rows
             if r is None:
                 continue
-            call_rows[item.call_id] = r.call
+            if not item.superseded:
+                call_rows[item.call_id] = r.call
             # PostgreSQL rejects ON CONFLICT DO UPDATE touching a row twice, and the newest
             # snapshot must win inside the batch too: keep one row per key, the newest.
             if r.customer is not None:
@@ -208,11 +249,14 @@ class Loader:
             ordered = [customer_rows[k] for k in sorted(customer_rows)]
             won = self._execute(conn, customers, "customer_id", "newest",
                                 [r.customer for r in ordered])
-            if won:
-                # A customer's phone numbers go with its winning snapshot, and only then.
-                conn.execute(delete(customer_phone_numbers)
-                             .where(customer_phone_numbers.c.customer_id.in_(sorted(won))))
-                phones = [p for r in ordered if r.customer["customer_id"] in won
+            # A customer's phone numbers go with its winning snapshot, and only then; a
+            # snapshot without the phoneNumbers key says nothing about them.
+            renumbered = {r.customer["customer_id"] for r in ordered
+                          if r.phones_given and r.customer["customer_id"] in won}
+            if renumbered:
+                conn.execute(delete(customer_phone_numbers).where(
+                    customer_phone_numbers.c.customer_id.in_(sorted(renumbered))))
+                phones = [p for r in ordered if r.customer["customer_id"] in renumbered
                           for p in r.phone_numbers]
                 if phones:
                     self._execute(conn, customer_phone_numbers, "customer_id", "insert", phones)
@@ -220,25 +264,68 @@ class Loader:
             self._execute(conn, operators, "operator_id", "newest",
                           [operator_rows[k] for k in sorted(operator_rows)])
         if call_rows:
-            self._execute(conn, calls, "call_id", "update",
-                          [call_rows[k] for k in sorted(call_rows)])
+            # Two runs fetching one call may commit in the opposite order of their fetches:
+            # the stored row is replaced only by a fetch at least as new.
+            written = self._execute(conn, calls, "call_id", "newest_fetch",
+                                    [call_rows[k] for k in sorted(call_rows)]) or set()
+            for call_id in call_rows.keys() - written:
+                newest[call_id].superseded = True
 
+        # A call's status follows the same rule: it tells the outcome of the newest fetch and
+        # names the run that wrote the row (`etl failures`, --retry-failed and --skip-loaded
+        # must not act on a 404 or failure older than a stored load). A loaded status goes
+        # with its row: a row not written writes no status. A 404 or failure writes none over
+        # a call fetched after it (its time is a bound, see _Item); a load that wins its row
+        # does replace a 404 or failure, whose exact time is unknown. That lookup takes no
+        # lock, so it is made again once the status rows are held: if a newer fetch
+        # committed in between, the batch is written again (_Overtaken).
+        pending = [i for i in newest.values() if i.rows is None]
+        for call_id in self._fetched_after(conn, pending):
+            newest[call_id].superseded = True
+        pending = [i for i in pending if not i.superseded]
         now = datetime.now(UTC)
         statuses = {i.call_id: {"call_id": i.call_id, "status": i.status,
                                 "http_status": i.http_status,
                                 # A reason may quote what the server sent (a value, a phrase).
                                 "error": printable(i.error, 500) if i.error else None,
-                                "attempts": i.attempts, "run_id": self.run_id,
-                                "updated_at": now} for i in items}
-        self._execute(conn, etl_call_status, "call_id", "update",
-                      [statuses[k] for k in sorted(statuses)])
+                                "attempts": i.attempts, "warnings": i.warnings,
+                                "run_id": self.run_id, "updated_at": now}
+                    for i in newest.values() if not i.superseded}
+        if statuses:
+            self._execute(conn, etl_call_status, "call_id", "update",
+                          [statuses[k] for k in sorted(statuses)])
+        if self._fetched_after(conn, pending):
+            raise _Overtaken
+        superseded = sum(i.superseded for i in items)
+        if superseded:
+            log.debug("%d outcome(s) older than the stored fetch of their call: row and status "
+                      "left as they were", superseded)
+        # The run's counters count each outcome as this run got it, committed once with its
+        # batch, also when a newer fetch was already stored: an older load is still `loaded`
+        # for this run (the call is in the warehouse, as of this fetch or newer) and an
+        # older 404 `not_found`; `skipped` stays what it was, ids not fetched (--skip-loaded).
+        # So the counters equal the run's summary, add up to what it requested, and do not
+        # depend on when other runs commit; which run wrote a call is in its row and status.
         runs.add_counts(conn, self.run_id, _counts(items))
+
+    def _fetched_after(self, conn: Connection, items: list[_Item]) -> set[str]:
+        """The ids of `items` whose stored call was fetched after the item."""
+        when = {i.call_id: i.fetched_at for i in items}
+        ids = sorted(when)
+        found: set[str] = set()
+        for start in range(0, len(ids), _LOOKUP_CHUNK):
+            rows = conn.execute(select(calls.c.call_id, calls.c.fetched_at).where(
+                calls.c.call_id.in_(ids[start:start + _LOOKUP_CHUNK])))
+            found.update(call_id for call_id, fetched_at in rows
+                         if _utc(fetched_at) > when[call_id])
+        return found
 
     def _execute(self, conn: Connection, table: Table, key: str, mode: str,
                  rows: list[dict[str, Any]]) -> set[str] | None:
         """Write `rows` (already sorted by key) to `table`. Modes: "insert"; "nothing" (keep
-        the stored row); "update" (the new row wins); "newest" (the newer snapshot wins, and
-        the keys actually written are returned)."""
+        the stored row); "update" (the new row wins); "newest" (the newer snapshot by
+        `updated_date_time` wins) and "newest_fetch" (the newer fetch by `fetched_at` wins),
+        which return the keys actually written."""
         stmt = self._statements.get((table.name, mode))
         if stmt is None:
             stmt = self._statements[(table.name, mode)] = self._statement(table, key, mode)
@@ -250,7 +337,7 @@ class Loader:
             result = conn.execute(stmt)
         else:
             result = conn.execute(stmt, rows)
-        return set(result.scalars()) if mode == "newest" else None
+        return set(result.scalars()) if mode in ("newest", "newest_fetch") else None
 
     @staticmethod
     def _ensure_stages(conn: Connection) -> None:
@@ -297,11 +384,17 @@ class Loader:
         changes = {c.name: stmt.excluded[c.name] for c in table.columns if c.name != key}
         if mode == "update":
             return stmt.on_conflict_do_update(index_elements=[key], set_=changes)
-        # A stored row is replaced only by a snapshot as new or newer; NULL counts as oldest.
-        stored, incoming = table.c.updated_date_time, stmt.excluded.updated_date_time
+        if mode == "newest_fetch":
+            # A stored row is replaced only by a fetch as new or newer (never NULL). The row
+            # is locked even when it stays, so a later writer still waits for this one.
+            where = table.c.fetched_at <= stmt.excluded.fetched_at
+        else:
+            # A stored row is replaced only by a snapshot as new or newer; NULL counts as
+            # oldest.
+            stored, incoming = table.c.updated_date_time, stmt.excluded.updated_date_time
+            where = or_(stored.is_(None), and_(incoming.is_not(None), incoming >= stored))
         return stmt.on_conflict_do_update(
-            index_elements=[key], set_=changes,
-            where=or_(stored.is_(None), and_(incoming.is_not(None), incoming >= stored)),
+            index_elements=[key], set_=changes, where=where,
         ).returning(table.c[key])
 
 
@@ -365,7 +458,16 @@ def _same_or_newer(candidate: dict[str, Any], held: dict[str, Any]) -> bool:
 
 
 def _counts(items: list[_Item]) -> dict[str, int]:
-    counts = {LOADED: 0, NOT_FOUND: 0, FAILED: 0}
+    """Outcomes by status, and "warnings": the loaded ones with warnings."""
+    counts = {LOADED: 0, NOT_FOUND: 0, FAILED: 0, "warnings": 0}
     for i in items:
         counts[i.status] += 1
+        if i.warnings and i.status == LOADED:
+            counts["warnings"] += 1
     return counts
+
+
+def _utc(value: datetime) -> datetime:
+    """An instant as aware UTC: SQLite hands back naive UTC datetimes and stores instants as
+    text without their offset, which must then be UTC for fetch times to compare."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
