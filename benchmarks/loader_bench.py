@@ -56,21 +56,21 @@ def bench_loader(db_url: str, outcomes: list[Outcome], batch_size: int) -> dict:
     engine = db.make_engine(normalize_database_url(db_url))
     try:
         db.upgrade(engine)
-        warm_id = runs.new_run_id()
-        runs.start_run(engine, warm_id, requested=len(outcomes) // 2, skipped=0)
+        warm = runs.RunRecorder(engine, runs.new_run_id())
+        warm.start(requested=len(outcomes) // 2, skipped=0)
         for batch in _batches(outcomes[::2], batch_size):
-            Loader(engine, warm_id).load(batch)
-        runs.finish_run(engine, warm_id, runs.SUCCEEDED)
+            Loader(engine, warm.run_id).load(batch)
+        warm.finish(runs.SUCCEEDED)
 
-        run_id = runs.new_run_id()
-        runs.start_run(engine, run_id, requested=len(outcomes), skipped=0)
-        loader = Loader(engine, run_id)
+        run = runs.RunRecorder(engine, runs.new_run_id())
+        run.start(requested=len(outcomes), skipped=0)
+        loader = Loader(engine, run.run_id)
         cpu0, t0 = time.process_time(), time.perf_counter()
         loaded = 0
         for batch in _batches(outcomes, batch_size):
             loaded += loader.load(batch).get("loaded", 0)
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        runs.finish_run(engine, run_id, runs.SUCCEEDED)
+        run.finish(runs.SUCCEEDED)
         with engine.connect() as conn:
             rows = conn.execute(select(func.count()).select_from(calls)).scalar_one()
     finally:

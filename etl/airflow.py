@@ -95,6 +95,9 @@ class CommuboSyncOperator(BaseOperator):
         together send up to N times as many.
     :param fail_on_failed_ids: fail the task (retryable) when ids failed after their retries.
         With False the task succeeds and the summary counts them (`etl failures` lists them).
+    :param retry_failed: also fetch the ids whose last status is `failed`, of this task's shard
+        only (as `etl sync --retry-failed --shard-index I --num-shards N`), so that mapped
+        shards never refetch each other's ids.
 
     Retries: the first try fetches every id of its shard, so a scheduled run refreshes calls
     that changed since the last fetch (the newest fetch wins). A retry (`try_number > 1`) passes
@@ -119,6 +122,7 @@ class CommuboSyncOperator(BaseOperator):
         batch_size: int = 500,
         max_rps: float = 0,
         fail_on_failed_ids: bool = True,
+        retry_failed: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -136,6 +140,7 @@ class CommuboSyncOperator(BaseOperator):
         self.batch_size = batch_size
         self.max_rps = max_rps
         self.fail_on_failed_ids = fail_on_failed_ids
+        self.retry_failed = retry_failed
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Run the sync of this task's shard and return its summary dict (SPEC section 3)."""
@@ -153,7 +158,9 @@ class CommuboSyncOperator(BaseOperator):
                  settings.base_url, display_url(settings.database_url),
                  f"; try {try_number}, so ids already loaded are skipped" if skip_loaded else "")
         try:
-            summary = run_sync(settings, ids, skip_loaded=skip_loaded, progress=LogProgress())
+            summary = run_sync(settings, ids, skip_loaded=skip_loaded,
+                               retry_failed=self.retry_failed, progress=LogProgress(),
+                               shard=(self.shard_index, self.num_shards))
         except AuthError as exc:
             self._push_partial(context, exc)
             raise AirflowFailException(

@@ -21,9 +21,10 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from . import db, runs
-from .config import Settings, display_url, load_settings
+from .config import DEFAULT_DATABASE_URL, Settings, display_url, load_settings
 from .errors import DatabaseError, EtlError, InputError, Interrupted
 from .ids import read_ids, select_shard
+from .schema import SCHEMA_REVISION
 from .text import printable
 
 log = logging.getLogger("etl")
@@ -150,10 +151,14 @@ def sync(ctx: click.Context, ids_file: str | None, config: str | None, db_url: s
         raise InputError("give --ids-file PATH (or - for standard input), or --retry-failed")
     ids = read_ids(ids_file) if ids_file is not None else []
     ids = select_shard(ids, shard_index, num_shards)
+    if display_url(settings.database_url) == DEFAULT_DATABASE_URL:
+        log.info("no database configured (--db-url, ETL_DATABASE_URL or database.url): "
+                 "writing to ./commubo.db")
     try:
         with _stop_on_signals() as stop:
             summary = run_sync(settings, ids, skip_loaded=skip_loaded, retry_failed=retry_failed,
-                               migrate=not no_migrate, progress=for_stream(), stop=stop)
+                               migrate=not no_migrate, progress=for_stream(), stop=stop,
+                               shard=(shard_index, num_shards))
     except EtlError as exc:
         partial = getattr(exc, "summary", None)
         if partial is not None:
@@ -170,8 +175,9 @@ def _print_summary(summary, as_json: bool) -> None:
     click.echo(
         f"run {summary.run_id} {summary.status}: {summary.requested} requested, "
         f"{summary.loaded} loaded, {summary.not_found} not found, {summary.failed} failed, "
-        f"{summary.skipped} skipped in {summary.duration_s:.1f}s ({summary.calls_per_s:.0f} "
-        "calls/s)"
+        f"{summary.skipped} skipped, {summary.warnings} with warnings in "
+        f"{summary.duration_s:.1f}s ({summary.calls_per_s:.0f} calls/s), from {summary.api} "
+        f"into {summary.database}"
     )
     if summary.failed:
         click.echo(f"see the failed ids: etl failures --run {summary.run_id}")
@@ -222,10 +228,16 @@ def _query_engine(config: str | None, db_url: str | None) -> Engine:
     settings = _settings(config, database_url=db_url)
     engine = db.make_engine(settings.database_url)
     with db.connect(engine) as conn:
-        if db.current_revision(conn) is None:
-            engine.dispose()
-            raise DatabaseError(f"{display_url(settings.database_url)} has no etl schema yet: "
-                                "run etl db upgrade or etl sync first")
+        current = db.current_revision(conn)
+    if current is None:
+        engine.dispose()
+        raise DatabaseError(f"{display_url(settings.database_url)} has no etl schema yet: "
+                            "run etl db upgrade or etl sync first")
+    if current != SCHEMA_REVISION:
+        engine.dispose()
+        raise db.SchemaNotCurrent(
+            f"{display_url(settings.database_url)} has schema revision {current}, this version "
+            f"reads {SCHEMA_REVISION}: run etl db upgrade (or the next etl sync does)")
     return engine
 
 
@@ -260,6 +272,7 @@ def runs_cmd(config: str | None, db_url: str | None, limit: int,
     """Recent runs with their counts, newest first."""
     engine = _query_engine(config, db_url)
     try:
+        runs.mark_abandoned(engine)  # so a killed run does not show as live
         rows = runs.recent_runs(engine, limit)
     finally:
         engine.dispose()
@@ -267,7 +280,7 @@ def runs_cmd(config: str | None, db_url: str | None, limit: int,
         _json_rows(rows)
     elif rows:
         _table(rows, ["run_id", "status", "started_at", "finished_at", "requested", "loaded",
-                      "not_found", "failed", "skipped"])
+                      "not_found", "failed", "skipped", "warnings", "host", "pid", "error"])
     else:
         click.echo("no runs yet")
 
@@ -277,23 +290,27 @@ def runs_cmd(config: str | None, db_url: str | None, limit: int,
 @db_url_option
 @click.option("--run", "run_id", help="Only the ids whose last attempt was in this run.")
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many rows.")
+@click.option("--warnings", "warnings", is_flag=True,
+              help="Instead: ids loaded with values outside what the API doc allows, and which.")
 @click.option("--json", "as_json", is_flag=True, help="Print the failures as a JSON array.")
 def failures(config: str | None, db_url: str | None, run_id: str | None,
-             limit: int | None, as_json: bool) -> None:
-    """Ids whose last status is failed, and why."""
+             limit: int | None, warnings: bool, as_json: bool) -> None:
+    """Ids whose last status is failed, and why (or, with --warnings, loaded with warnings)."""
     engine = _query_engine(config, db_url)
     try:
         if run_id and not runs.run_exists(engine, run_id):
             raise InputError(f"no run {run_id!r}: see etl runs")
-        rows = runs.failures(engine, run_id, limit)
+        rows = runs.failures(engine, run_id, limit, warnings=warnings)
     finally:
         engine.dispose()
     if as_json:
         _json_rows(rows)
     elif rows:
-        _table(rows, ["call_id", "http_status", "attempts", "run_id", "error"])
+        _table(rows, ["call_id", "status", "run_id", "warnings"] if warnings else
+               ["call_id", "http_status", "attempts", "run_id", "error"])
     else:
-        click.echo("no failed ids" + (f" in run {run_id}" if run_id else ""))
+        what = "no ids with warnings" if warnings else "no failed ids"
+        click.echo(what + (f" in run {run_id}" if run_id else ""))
 
 
 @cli.command()
@@ -327,14 +344,16 @@ def simulate(port: int, latency_ms: float, fault_rate: float, seed: int,
 
 @cli.command()
 @config_option
-@db_url_option
+@click.option("--db-url", help="SQLAlchemy database URL (default: sqlite:///commubo-demo.db; "
+              "ETL_DATABASE_URL and database.url are not used: simulated calls do not belong in "
+              "a warehouse by accident).")
 @click.option("--calls", type=click.IntRange(min=1, max=1_000_000), default=500,
               show_default=True, help="How many simulated calls to sync.")
 def demo(config: str | None, db_url: str | None, calls: int) -> None:
-    """Sync simulated calls into the configured database and show a first query."""
-    from .demo import run_demo
+    """Sync simulated calls into a database of their own and show a first query."""
+    from .demo import DEMO_DATABASE_URL, run_demo
 
-    settings = _settings(config, database_url=db_url)
+    settings = _settings(config, database_url=db_url or DEMO_DATABASE_URL)
     run_demo(settings, calls, click.echo)
 
 

@@ -27,6 +27,10 @@ ORDER BY calls DESC, operator_name
 LIMIT 5"""
 
 
+# The demo's own file: the configured warehouse (ETL_DATABASE_URL, database.url) is not used.
+DEMO_DATABASE_URL = "sqlite:///commubo-demo.db"
+
+
 def run_demo(settings: Settings, calls: int, echo: Callable[[str], None]) -> None:
     with Simulator(latency_ms=5, tenant_id=DEFAULT_TENANT_ID,
                    access_token=DEFAULT_ACCESS_TOKEN) as sim:

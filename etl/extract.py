@@ -284,6 +284,8 @@ class Extractor:
                 f"{d.reason} (gave up after {self._retrying.statistics['attempt_number']} "
                 "attempts)"))
         outcome.attempts = self._retrying.statistics["attempt_number"]
+        if outcome.fetched_at is None:  # when the last answer (or failure) came
+            outcome.fetched_at = datetime.now(UTC)
         return outcome
 
     def _attempt(self, url: str, call_id: str, slot: Slot) -> Outcome:

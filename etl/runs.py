@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import secrets
+import socket
+import threading
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.engine import Connection
 
 from .schema import etl_call_status, etl_runs
+from .text import printable
+
+log = logging.getLogger(__name__)
 
 RUNNING, SUCCEEDED, PARTIAL, FAILED = "running", "succeeded", "partial", "failed"
 # Stopped by a signal (Ctrl-C, SIGTERM) or by its caller, after committing what it had fetched.
 INTERRUPTED = "interrupted"
+# Recorded as running, but its process is gone (kill -9, OOM killer, a lost node).
+ABANDONED = "abandoned"
 COUNTERS = ("loaded", "not_found", "failed")
+# A live run refreshes its heartbeat with every committed batch and at least this often...
+HEARTBEAT_S = 30.0
+# ...so a running run whose heartbeat is older than this has no live process behind it. Ten
+# missed beats: a database that stalls for a while does not bury a live run.
+ABANDONED_AFTER_S = 300.0
+HOST = socket.gethostname()
 # Ids per IN (...) list when looking up statuses of a large ids file.
 _LOOKUP_CHUNK = 5000
 
@@ -26,25 +41,100 @@ def new_run_id(now: datetime | None = None) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
-def start_run(engine: Engine, run_id: str, requested: int, skipped: int) -> None:
-    with engine.begin() as conn:
-        conn.execute(etl_runs.insert().values(
-            run_id=run_id, started_at=datetime.now(UTC), status=RUNNING,
-            requested=requested, loaded=0, not_found=0, failed=0, skipped=skipped,
-        ))
+class RunRecorder:
+    """One run's row in `etl_runs` from start to finish: the only code that writes it.
+
+    `start` inserts it as running with this host and process id; a heartbeat thread refreshes
+    `heartbeat_at` every HEARTBEAT_S (the loader also does with each committed batch, see
+    `add_counts`); `finish` stores the final status and, for a run that did not succeed, why.
+    """
+
+    def __init__(self, engine: Engine, run_id: str) -> None:
+        self.engine = engine
+        self.run_id = run_id
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, requested: int, skipped: int) -> None:
+        now = datetime.now(UTC)
+        with self.engine.begin() as conn:
+            conn.execute(etl_runs.insert().values(
+                run_id=self.run_id, started_at=now, status=RUNNING, requested=requested,
+                loaded=0, not_found=0, failed=0, skipped=skipped, warnings=0, host=HOST,
+                pid=os.getpid(), heartbeat_at=now,
+            ))
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="run-heartbeat")
+        self._thread.start()
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        """Store the final status (and the reason a run did not succeed). Raises what the
+        database raises: the caller decides whether that matters more than the run's own
+        error."""
+        self._stop.set()
+        with self.engine.begin() as conn:
+            conn.execute(update(etl_runs).where(etl_runs.c.run_id == self.run_id).values(
+                status=status, finished_at=datetime.now(UTC),
+                error=printable(error, 1000) if error else None))
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(update(etl_runs).where(
+                        etl_runs.c.run_id == self.run_id, etl_runs.c.status == RUNNING,
+                    ).values(heartbeat_at=datetime.now(UTC)))
+            except Exception as exc:  # noqa: BLE001 - the batches report database trouble
+                log.debug("heartbeat not recorded: %s", type(exc).__name__)
 
 
 def add_counts(conn: Connection, run_id: str, counts: dict[str, int]) -> None:
-    """Add to the run's counters inside the caller's transaction, so they match the data."""
-    values = {name: etl_runs.c[name] + n for name, n in counts.items() if n}
-    if values:
-        conn.execute(update(etl_runs).where(etl_runs.c.run_id == run_id).values(**values))
+    """Add to the run's counters inside the caller's transaction, so they match the data;
+    a committed batch is also a heartbeat."""
+    # coalesce: `warnings` is NULL in rows that started before migration 0002.
+    values = {name: func.coalesce(etl_runs.c[name], 0) + n for name, n in counts.items() if n}
+    conn.execute(update(etl_runs).where(etl_runs.c.run_id == run_id).values(
+        heartbeat_at=datetime.now(UTC), **values))
 
 
-def finish_run(engine: Engine, run_id: str, status: str) -> None:
-    with engine.begin() as conn:
-        conn.execute(update(etl_runs).where(etl_runs.c.run_id == run_id).values(
-            status=status, finished_at=datetime.now(UTC)))
+def mark_abandoned(engine: Engine, now: datetime | None = None) -> list[str]:
+    """Store as `abandoned` every running run with no live process behind it: on this host,
+    its process is gone; anywhere, its heartbeat is older than ABANDONED_AFTER_S. Returns
+    their ids. Rows from before heartbeats (NULL) count by their start time."""
+    now = now or datetime.now(UTC)
+    with engine.connect() as conn:
+        running = conn.execute(select(
+            etl_runs.c.run_id, etl_runs.c.host, etl_runs.c.pid, etl_runs.c.heartbeat_at,
+            etl_runs.c.started_at).where(etl_runs.c.status == RUNNING)).all()
+    gone: dict[str, str] = {}
+    for run_id, host, pid, beat, started in running:
+        last = _aware(beat or started)
+        if host == HOST and pid is not None and not _alive(pid):
+            gone[run_id] = f"its process (pid {pid} on {host}) is gone"
+        elif now - last > timedelta(seconds=ABANDONED_AFTER_S):
+            gone[run_id] = f"no heartbeat since {last:%Y-%m-%d %H:%M:%S} UTC"
+    for run_id, why in gone.items():
+        with engine.begin() as conn:
+            # Only if still running: the run may have finished since it was read.
+            conn.execute(update(etl_runs).where(
+                etl_runs.c.run_id == run_id, etl_runs.c.status == RUNNING,
+            ).values(status=ABANDONED, error=f"abandoned: {why}"))
+    return sorted(gone)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def recent_runs(engine: Engine, limit: int = 20) -> list[dict[str, Any]]:
@@ -55,9 +145,12 @@ def recent_runs(engine: Engine, limit: int = 20) -> list[dict[str, Any]]:
         return [dict(r) for r in rows]
 
 
-def failures(engine: Engine, run_id: str | None = None, limit: int | None = None
-             ) -> list[dict[str, Any]]:
-    query = select(etl_call_status).where(etl_call_status.c.status == "failed")
+def failures(engine: Engine, run_id: str | None = None, limit: int | None = None,
+             warnings: bool = False) -> list[dict[str, Any]]:
+    """Ids whose last status is failed; with `warnings`, ids loaded with warnings instead."""
+    query = select(etl_call_status).where(
+        etl_call_status.c.warnings.is_not(None) if warnings
+        else etl_call_status.c.status == "failed")
     if run_id:
         query = query.where(etl_call_status.c.run_id == run_id)
     query = query.order_by(etl_call_status.c.call_id)

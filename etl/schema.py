@@ -24,7 +24,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 # The newest migration in migrations/versions: bump it with every new migration (a test
 # checks it against Alembic's head). It lets `etl sync` see "schema current" without
 # importing Alembic.
-SCHEMA_REVISION = "0001"
+SCHEMA_REVISION = "0002"
 
 # Named constraints so that later migrations can refer to them on every backend.
 metadata = MetaData(
@@ -127,12 +127,20 @@ etl_runs = Table(
     Column("run_id", Text, primary_key=True),
     Column("started_at", Instant, nullable=False),
     Column("finished_at", Instant),
-    Column("status", Text, nullable=False),  # running, succeeded, partial, failed, interrupted
+    # running, succeeded, partial, failed, interrupted, abandoned (see etl.runs)
+    Column("status", Text, nullable=False),
     Column("requested", Integer, nullable=False, default=0),
     Column("loaded", Integer, nullable=False, default=0),
     Column("not_found", Integer, nullable=False, default=0),
     Column("failed", Integer, nullable=False, default=0),
     Column("skipped", Integer, nullable=False, default=0),
+    # Since 0002: where the run ran and that it is alive, why it did not succeed, and how
+    # many calls loaded with anomalies. NULL in rows written before.
+    Column("host", Text),
+    Column("pid", Integer),
+    Column("heartbeat_at", Instant),
+    Column("error", Text),
+    Column("warnings", Integer),
     Index(None, "started_at"),
 )
 
@@ -146,6 +154,8 @@ etl_call_status = Table(
     Column("attempts", SmallInteger, nullable=False),
     Column("run_id", Text, nullable=False),
     Column("updated_at", Instant, nullable=False),
+    # Since 0002: what in the loaded payload falls outside the API doc, one reason per line.
+    Column("warnings", Text),
     Index(None, "status"),
     Index(None, "run_id"),
 )

@@ -8,16 +8,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from sqlalchemy import Engine
 
 from . import db, runs
-from .config import Settings, require_api, validate
+from .config import Settings, display_url, require_api, validate
 from .errors import DatabaseError, FatalError, InputError, Interrupted, RemoteConfigError
 from .extract import Extractor
-from .ids import is_valid_call_id
+from .ids import is_valid_call_id, select_shard
 from .load import LOADED, Loader
 from .outcome import FAILED, NOT_FOUND, Outcome
 
@@ -46,8 +46,13 @@ class SyncSummary:
     not_found: int = 0
     failed: int = 0
     skipped: int = 0
+    warnings: int = 0  # calls loaded with values outside what the API doc allows
     duration_s: float = 0.0
     calls_per_s: float = 0.0
+    database: str = ""  # where it wrote, the password masked
+    api: str = ""  # where it fetched from
+    # Fields the API sent that the API doc does not list (kept in calls.raw): schema drift.
+    unknown_fields: list[str] = field(default_factory=list)
 
     @property
     def processed(self) -> int:
@@ -112,6 +117,7 @@ def run_sync(
     progress: Progress | None = None,
     engine: Engine | None = None,
     stop: StopRequest | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> SyncSummary:
     """Fetch `ids` from the API and load them into `settings.database_url`.
 
@@ -120,6 +126,8 @@ def run_sync(
     credentials or the database becomes unreachable; such an error carries `.summary` when a
     run had started. What was committed stays committed. With `stop`, the caller can ask the
     run to end early; it then raises Interrupted (exit 130 or 143) after recording the run.
+    `shard` (index, count) keeps `retry_failed` to the failed ids of that shard (`ids` are
+    the caller's to select).
     """
     validate(settings)
     require_api(settings)
@@ -133,39 +141,44 @@ def run_sync(
     # upgraded (with Alembic's import, the slowest part of a start).
     early = not (skip_loaded or retry_failed)
     try:
-        # Before any request: an unreachable database is exit 3, a stale schema under
-        # --no-migrate exit 2, and neither should cost the API a single call.
-        if migrate:
-            db.check_reachable(engine)
-        else:
-            db.check_current(engine)
+        # Before any request: a database that cannot be reached (exit 3), or that this role
+        # cannot write to, or a stale schema under --no-migrate (exit 2), must not cost the
+        # API a single call.
+        db.preflight(engine, migrate)
         started = time.monotonic()
         if early:
             extractor.start(ids)
         if migrate:
             db.upgrade(engine)
+        runs.mark_abandoned(engine)
         if retry_failed:
+            failed = runs.all_ids_with_status(engine, FAILED)
+            if shard is not None:
+                failed = select_shard(failed, *shard)
             known = set(ids)
-            ids = ids + [i for i in runs.all_ids_with_status(engine, "failed") if i not in known]
+            ids = ids + [i for i in failed if i not in known]
         todo = ids
         if skip_loaded:
             done = runs.ids_with_status(engine, LOADED, ids)
             todo = [i for i in ids if i not in done]
-        run_id = runs.new_run_id()
+        recorder = runs.RunRecorder(engine, runs.new_run_id())
+        summary = SyncSummary(recorder.run_id, runs.RUNNING, requested=len(ids),
+                              skipped=len(ids) - len(todo),
+                              database=display_url(settings.database_url),
+                              api=settings.base_url or "")
         try:
-            runs.start_run(engine, run_id, requested=len(ids), skipped=len(ids) - len(todo))
+            recorder.start(summary.requested, summary.skipped)
         except Exception as exc:
             raise DatabaseError(f"cannot record the run: {db.describe_db_error(exc, engine.url)}"
                                 ) from None
-        summary = SyncSummary(run_id, runs.RUNNING, requested=len(ids),
-                              skipped=len(ids) - len(todo))
-        log.info("run %s: %d ids requested, %d skipped as already loaded", run_id,
-                 summary.requested, summary.skipped)
+        log.info("run %s: %d ids requested, %d skipped as already loaded; from %s into %s",
+                 summary.run_id, summary.requested, summary.skipped, summary.api,
+                 summary.database)
         if not early:
             started = time.monotonic()
             extractor.start(todo)
         progress.start(len(todo))
-        _pipeline(settings, engine, extractor, summary, progress, started,
+        _pipeline(settings, engine, extractor, recorder, summary, progress, started,
                   stop or StopRequest())
         return summary
     finally:
@@ -189,8 +202,9 @@ def _checked(ids: Iterable[str]) -> list[str]:
     return unique
 
 
-def _pipeline(settings: Settings, engine: Engine, extractor: Extractor, summary: SyncSummary,
-              progress: Progress, started: float, stop: StopRequest) -> None:
+def _pipeline(settings: Settings, engine: Engine, extractor: Extractor,
+              recorder: runs.RunRecorder, summary: SyncSummary, progress: Progress,
+              started: float, stop: StopRequest) -> None:
     loader = Loader(engine, summary.run_id)
     held = _HoldBack(engine, settings)
     batch: list[Outcome] = []
@@ -203,8 +217,14 @@ def _pipeline(settings: Settings, engine: Engine, extractor: Extractor, summary:
             summary.loaded += counts.get(LOADED, 0)
             summary.not_found += counts.get(NOT_FOUND, 0)
             summary.failed += counts.get(FAILED, 0)
+            summary.warnings += counts.get("warnings", 0)
             _timing(summary, started)
             batch = []
+            new = loader.unknown_fields.difference(summary.unknown_fields)
+            if new:
+                summary.unknown_fields = sorted(loader.unknown_fields)
+                log.warning("the API sent fields this version does not know (kept in "
+                            "calls.raw; has the vendor added them?): %s", ", ".join(sorted(new)))
         last_flush = time.monotonic()
 
     try:
@@ -228,17 +248,19 @@ def _pipeline(settings: Settings, engine: Engine, extractor: Extractor, summary:
         # the database (nothing more can be written): record what we can, then re-raise.
         if not isinstance(exc, DatabaseError):
             _try(flush)
-        _end(engine, summary, started, runs.FAILED)
+        _end(recorder, summary, started, runs.FAILED, str(exc))
         exc.summary = summary
         raise
     except BaseException as exc:
         # A second Ctrl-C or SIGTERM (the first asks politely, below), or a bug.
         extractor.stop()
-        _end(engine, summary, started, runs.INTERRUPTED if isinstance(exc, KeyboardInterrupt)
-             else runs.FAILED)
+        if isinstance(exc, KeyboardInterrupt):
+            _end(recorder, summary, started, runs.INTERRUPTED, "interrupted at once")
+        else:
+            _end(recorder, summary, started, runs.FAILED, f"{type(exc).__name__}: {exc}")
         raise
     if stop.requested:
-        _end(engine, summary, started, runs.INTERRUPTED)
+        _end(recorder, summary, started, runs.INTERRUPTED, stop.reason)
         interrupted = Interrupted(f"{stop.reason}: run {summary.run_id} stopped, what was "
                                   "committed stays committed", stop.exit_code)
         interrupted.summary = summary
@@ -246,7 +268,8 @@ def _pipeline(settings: Settings, engine: Engine, extractor: Extractor, summary:
     _timing(summary, started)
     summary.status = runs.PARTIAL if summary.failed else runs.SUCCEEDED
     try:
-        runs.finish_run(engine, summary.run_id, summary.status)
+        recorder.finish(summary.status,
+                        f"{summary.failed} id(s) failed" if summary.failed else None)
     except Exception as exc:
         raise DatabaseError(
             f"cannot record the end of run {summary.run_id}: "
@@ -287,7 +310,8 @@ class _HoldBack:
             return [*released, outcome]
         if outcome.status == NOT_FOUND:
             self._unchecked.append(outcome)
-            if len(self._unchecked) >= NOT_FOUND_SUSPECT:
+            # Looked up in blocks; once suspects near the threshold, at each new 404.
+            if len(self._unchecked) + len(self._suspects) >= NOT_FOUND_SUSPECT:
                 released += self._check(NOT_FOUND_SUSPECT)
             return released
         self._only_404s = False
@@ -319,12 +343,13 @@ class _HoldBack:
         return released
 
 
-def _end(engine: Engine, summary: SyncSummary, started: float, status: str) -> None:
+def _end(recorder: runs.RunRecorder, summary: SyncSummary, started: float, status: str,
+         error: str | None) -> None:
     """Record how a run that did not complete ended (best effort: the error that stopped it
     is what gets reported)."""
     _timing(summary, started)
     summary.status = status
-    _try(lambda: runs.finish_run(engine, summary.run_id, status))
+    _try(lambda: recorder.finish(status, error))
 
 
 def _timing(summary: SyncSummary, started: float) -> None:

@@ -25,8 +25,14 @@ class CallRows:
     call: dict[str, Any]
     customer: dict[str, Any] | None = None
     phone_numbers: list[dict[str, Any]] = field(default_factory=list)
+    # False when the customer snapshot has no phoneNumbers key: the stored numbers stay.
+    phones_given: bool = False
     operator: dict[str, Any] | None = None
     scenario: dict[str, Any] | None = None
+    # Values the API doc rules out, loaded anyway (the raw payload keeps the original).
+    warnings: list[str] = field(default_factory=list)
+    # Keys the API doc does not list ("customer.email"): the vendor added a field.
+    unknown_fields: list[str] = field(default_factory=list)
 
 
 def strip_nul(value: Any) -> Any:
@@ -158,6 +164,25 @@ OPERATOR_FIELDS: tuple[tuple[str, str, Converter], ...] = (
 )
 
 
+CALL_TYPES = {0: "incoming", 1: "outgoing", 2: "user call"}
+MAX_PHONE_NUMBERS = 5  # the API doc: phoneNumbers[] (0..5)
+
+# Every key the API doc lists, per object: anything else is schema drift.
+_KNOWN_KEYS = {
+    "": frozenset({"callId", "customer", "operator", "scenario", *(k for k, *_ in CALL_FIELDS)}),
+    "customer.": frozenset({"customerId", "phoneNumbers", *(k for k, *_ in CUSTOMER_FIELDS)}),
+    "operator.": frozenset({"operatorId", "operatorVoiceId", "operatorVocieId",
+                            *(k for k, *_ in OPERATOR_FIELDS)}),
+    "scenario.": frozenset({"scenarioId"}),
+}
+
+
+def _unknown(obj: dict[str, Any], where: str, into: list[str]) -> None:
+    extra = obj.keys() - _KNOWN_KEYS[where]
+    if extra:
+        into.extend(where + str(k) for k in sorted(extra, key=str))
+
+
 def _labelled(spec: tuple[tuple[str, str, Converter], ...], where: str
               ) -> tuple[tuple[str, str, Converter, str], ...]:
     # The key as error messages name it ("customer.talkTime"), built once rather than per value.
@@ -216,13 +241,23 @@ def transform(payload: Any, *, call_id: str, fetched_at: datetime, run_id: str,
     call: dict[str, Any] = {"call_id": call_id}
     _convert(payload, _CALL_SPEC, call)
     rows = CallRows(call=call)
+    warn = rows.warnings.append
+    _unknown(payload, "", rows.unknown_fields)
+    if call["call_type"] is not None and call["call_type"] not in CALL_TYPES:
+        warn(f"callType {call['call_type']} is none of 0 (incoming), 1 (outgoing), 2 (user call)")
+    if call["talk_time"] is not None and call["talk_time"] < 0:
+        warn(f"talkTime {call['talk_time']} is negative")
 
     customer = _object(payload, "customer")
     customer_id = _key(customer, "customerId", "customer.") if customer else None
+    if customer and not customer_id:
+        warn("customer has no customerId: its attributes were not stored (see raw)")
     if customer and customer_id:
+        _unknown(customer, "customer.", rows.unknown_fields)
         rows.customer = _convert(customer, _CUSTOMER_SPEC,
                                  {"customer_id": customer_id})
         numbers = customer.get("phoneNumbers")
+        rows.phones_given = "phoneNumbers" in customer
         if numbers is not None:
             if not isinstance(numbers, list):
                 raise PayloadError(
@@ -230,6 +265,14 @@ def transform(payload: Any, *, call_id: str, fetched_at: datetime, run_id: str,
                 )
             if len(numbers) > SMALLINT[1]:
                 raise PayloadError("customer.phoneNumbers: too many entries")
+            if len(numbers) > MAX_PHONE_NUMBERS:
+                warn(f"customer.phoneNumbers has {len(numbers)} entries, more than "
+                     f"{MAX_PHONE_NUMBERS}")
+            for i, n in enumerate(numbers):
+                if not isinstance(n, str) and n is not None:
+                    warn(f"customer.phoneNumbers[{i}] is {_short(n)}, a JSON "
+                         f"{type(n).__name__}, not a string (leading zeros and digits may be "
+                         "lost)")
             rows.phone_numbers = [
                 {"customer_id": customer_id, "position": i,
                  "phone_number": to_text(n, f"customer.phoneNumbers[{i}]")}
@@ -238,7 +281,10 @@ def transform(payload: Any, *, call_id: str, fetched_at: datetime, run_id: str,
 
     operator = _object(payload, "operator")
     operator_id = _key(operator, "operatorId", "operator.") if operator else None
+    if operator and not operator_id:
+        warn("operator has no operatorId: its attributes were not stored (see raw)")
     if operator and operator_id:
+        _unknown(operator, "operator.", rows.unknown_fields)
         row = _convert(operator, _OPERATOR_SPEC, {"operator_id": operator_id})
         # The vendor's field list spells it operatorVocieId, its example operatorVoiceId.
         voice = operator.get("operatorVoiceId", operator.get("operatorVocieId"))
@@ -247,6 +293,8 @@ def transform(payload: Any, *, call_id: str, fetched_at: datetime, run_id: str,
 
     scenario = _object(payload, "scenario")
     scenario_id = _key(scenario, "scenarioId", "scenario.") if scenario else None
+    if scenario:
+        _unknown(scenario, "scenario.", rows.unknown_fields)
     if scenario_id:
         rows.scenario = {"scenario_id": scenario_id}
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from helpers import RouteServer
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 
+from etl import db
 from etl.config import normalize_database_url
 from etl.simulator import Simulator
 
@@ -84,9 +87,42 @@ def any_db_url(request: pytest.FixtureRequest) -> URL:
 
 
 @pytest.fixture
+def engine(any_db_url: URL) -> Iterator[Engine]:
+    """An engine on a fresh, migrated database of each backend."""
+    eng = db.make_engine(any_db_url)
+    db.upgrade(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def pg_engine(pg_url: URL) -> Iterator[Engine]:
+    """An engine on a fresh, migrated PostgreSQL database."""
+    eng = db.make_engine(pg_url)
+    db.upgrade(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
 def sim() -> Iterator[Simulator]:
     with Simulator(slow_s=1.5, retry_after_s=1) as simulator:
         yield simulator
+
+
+@pytest.fixture
+def route_server() -> Iterator[Callable[..., RouteServer]]:
+    """Makes RouteServers (tests/helpers.py) for behaviour the simulator cannot produce; stops
+    them after the test."""
+    servers: list[RouteServer] = []
+
+    def make(route: Callable[[BaseHTTPRequestHandler, str], None]) -> RouteServer:
+        servers.append(RouteServer(route))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.stop()
 
 
 @pytest.fixture

@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,12 @@ def etl_env(sim: Simulator | None = None, db_url: URL | None = None, **extra: st
         env["ETL_DATABASE_URL"] = db_url.render_as_string(hide_password=False)
     env.update(extra)
     return env
+
+
+def ids_file(tmp_path: Path, ids: list[str], name: str = "ids.txt") -> Path:
+    path = tmp_path / name
+    path.write_text("\n".join(ids) + "\n")
+    return path
 
 
 def run_etl(*args: str, env: dict[str, str], cwd: Path | None = None, input: str | None = None,
@@ -216,3 +224,52 @@ class TimedSimulator(Simulator):
     def shortest_gap(self, ids: list[str]) -> float | None:
         gaps = [gap for i in ids for gap in self.gaps(i)]
         return min(gaps) if gaps else None
+
+
+# -- a server for what the simulator cannot say ---------------------------------------------
+
+
+class RouteServer:
+    """A threaded HTTP server on 127.0.0.1 answering /v1/calls/{id} with `route(handler, id)`
+    (the fixture `route_server` makes them); `stop` ends it, and `stopping` is set for
+    handlers that wait."""
+
+    def __init__(self, route: Callable[[BaseHTTPRequestHandler, str], None]) -> None:
+        self.stopping = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                route(self, self.path.rsplit("/", 1)[-1])
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            block_on_close = False
+
+            def handle_error(self, request, client_address) -> None:
+                pass  # clients hanging up on purpose
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def answer(h: BaseHTTPRequestHandler, status: int, body: bytes, *headers: tuple[str, str],
+           reason: str | None = None) -> None:
+    """A whole response with a Content-Length, from inside a RouteServer's route."""
+    h.send_response(status, reason)
+    h.send_header("Content-Length", str(len(body)))
+    for name, value in headers:
+        h.send_header(name, value)
+    h.end_headers()
+    h.wfile.write(body)

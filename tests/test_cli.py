@@ -15,11 +15,12 @@ from sqlalchemy import create_engine, inspect, select, text
 from sqlalchemy.engine import URL
 
 from etl import db
+from etl import runs as runs_module
 from etl.schema import DATA_TABLES, calls, etl_call_status, etl_runs
 from etl.simulator import Simulator, payload_for
 
 SUMMARY_KEYS = {"run_id", "status", "requested", "loaded", "not_found", "failed", "skipped",
-                "duration_s", "calls_per_s"}
+                "warnings", "duration_s", "calls_per_s", "database", "api", "unknown_fields"}
 # Recognisable secrets: neither may show up in any output.
 TOKEN = "tok-SECRET-123"
 PASSWORD = "pw-SECRET-456"
@@ -91,6 +92,9 @@ def test_sync_json_prints_one_object_with_exactly_the_summary_keys(
         "failed": 0, "skipped": 0}
     assert isinstance(summary["duration_s"], float)
     assert isinstance(summary["calls_per_s"], float)
+    assert summary["warnings"] == 0
+    assert summary["database"] == pg_url.render_as_string(hide_password=True)
+    assert summary["api"] == sim.url
     [run] = query(pg_url, select(etl_runs.c.run_id, etl_runs.c.loaded))
     assert tuple(run) == (summary["run_id"], loaded)
     assert sim.requests_for(ids[0]) == 1
@@ -121,12 +125,16 @@ def test_failed_id_exits_1_and_failures_and_runs_list_it(
     assert runs.returncode == 0, runs.stderr
     header, *rows = runs.stdout.splitlines()
     assert header.split() == ["run_id", "status", "started_at", "finished_at", "requested",
-                              "loaded", "not_found", "failed", "skipped"]
+                              "loaded", "not_found", "failed", "skipped", "warnings", "host",
+                              "pid", "error"]
     loaded = len(servable(good))
-    # Newest first, with their counts (the two timestamps hold a space each).
-    assert [r.split()[:2] + r.split()[-5:] for r in rows] == [
-        [succeeded["run_id"], "succeeded", "10", str(loaded), str(10 - loaded), "0", "0"],
-        [partial["run_id"], "partial", "11", str(loaded), str(10 - loaded), "1", "0"],
+    # Newest first, with their counts (the two timestamps hold a space each), then the
+    # host, the process id and why a run did not succeed.
+    assert [r.split()[:2] + r.split()[6:13] + [" ".join(r.split()[14:])] for r in rows] == [
+        [succeeded["run_id"], "succeeded", "10", str(loaded), str(10 - loaded), "0", "0", "0",
+         runs_module.HOST, "-"],
+        [partial["run_id"], "partial", "11", str(loaded), str(10 - loaded), "1", "0", "0",
+         runs_module.HOST, "1 id(s) failed"],
     ]
 
 

@@ -260,16 +260,17 @@ def test_vendor_documented_port_65536_is_refused_clearly():
 
 @pytest.mark.parametrize("source", ["option", "env", "file"])
 def test_invalid_port_is_refused_from_any_source(tmp_path, source):
-    url = "http://example.com:65536"
-    kwargs: dict = {"env": {}}
-    if source == "option":
-        kwargs["overrides"] = {"base_url": url}
-    elif source == "env":
-        kwargs["env"] = {"COMMUBO_BASE_URL": url}
-    else:
-        kwargs["config_file"] = toml(tmp_path, f'[api]\nbase_url = "{url}"\n')
     with pytest.raises(ConfigError, match="65536"):
-        load_settings(**kwargs)
+        load_settings(**base_url_from(source, "http://example.com:65536", tmp_path))
+
+
+def base_url_from(source: str, url: str, tmp_path) -> dict:
+    """load_settings arguments that give `url` as an option, in the environment or a file."""
+    if source == "option":
+        return {"env": {}, "overrides": {"base_url": url}}
+    if source == "env":
+        return {"env": {"COMMUBO_BASE_URL": url}}
+    return {"env": {}, "config_file": toml(tmp_path, f'[api]\nbase_url = "{url}"\n')}
 
 
 @pytest.mark.parametrize(
@@ -555,15 +556,8 @@ V1_URLS = [
 @pytest.mark.parametrize("url", V1_URLS)
 @pytest.mark.parametrize("source", ["option", "env", "file"])
 def test_base_url_ending_in_v1_is_refused(tmp_path, url, source):
-    kwargs: dict = {"env": {}}
-    if source == "option":
-        kwargs["overrides"] = {"base_url": url}
-    elif source == "env":
-        kwargs["env"] = {"COMMUBO_BASE_URL": url}
-    else:
-        kwargs["config_file"] = toml(tmp_path, f'[api]\nbase_url = "{url}"\n')
     with pytest.raises(ConfigError) as info:
-        load_settings(**kwargs)
+        load_settings(**base_url_from(source, url, tmp_path))
     assert str(info.value) == (f"API base URL {url!r} must not include /v1: give the part before "
                                "/v1 (the sync adds /v1/calls/{callId})")
 

@@ -12,15 +12,13 @@ import gzip
 import signal
 import subprocess
 import sys
-import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-from helpers import etl_env, make_settings, run_etl
+from helpers import answer, etl_env, ids_file, make_settings, run_etl
 from sqlalchemy import create_engine, select
 from sqlalchemy.engine import URL
 
@@ -76,72 +74,6 @@ def config_file(tmp_path: Path, **api: object) -> Path:
     path.write_text("[api]\n" + "".join(f"{k} = {v}\n" for k, v in values.items())
                     + "\n[sync]\nbatch_size = 20\n")
     return path
-
-
-def ids_file(tmp_path: Path, ids: list[str], name: str = "ids.txt") -> Path:
-    path = tmp_path / name
-    path.write_text("\n".join(ids) + "\n")
-    return path
-
-
-# -- a server for what the simulator cannot say ---------------------------------------------
-
-
-class RouteServer:
-    """A threaded HTTP server on 127.0.0.1 answering /v1/calls/{id} with `route(handler, id)`;
-    `stop` ends it, and `stopping` is set for handlers that wait."""
-
-    def __init__(self, route: Callable[[BaseHTTPRequestHandler, str], None]) -> None:
-        self.stopping = threading.Event()
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                route(self, self.path.rsplit("/", 1)[-1])
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            block_on_close = False
-
-            def handle_error(self, request, client_address) -> None:
-                pass  # clients hanging up on purpose
-
-        self._server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self._server.shutdown()
-        self._server.server_close()
-
-
-def answer(h: BaseHTTPRequestHandler, status: int, body: bytes, *headers: tuple[str, str],
-           reason: str | None = None) -> None:
-    h.send_response(status, reason)
-    h.send_header("Content-Length", str(len(body)))
-    for name, value in headers:
-        h.send_header(name, value)
-    h.end_headers()
-    h.wfile.write(body)
-
-
-@pytest.fixture
-def route_server() -> Iterator[Callable[..., RouteServer]]:
-    servers: list[RouteServer] = []
-
-    def make(route: Callable[[BaseHTTPRequestHandler, str], None]) -> RouteServer:
-        servers.append(RouteServer(route))
-        return servers[-1]
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 def payload_bytes(call_id: str) -> bytes:

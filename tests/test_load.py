@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select, text
-from sqlalchemy.engine import URL
 
-from etl import db, runs
+from etl import runs
 from etl.load import Loader
 from etl.outcome import FAILED, NOT_FOUND, OK, Outcome
 from etl.schema import (
@@ -92,25 +90,9 @@ NEWER = "2026-01-01T10:00:00Z"
 # -- helpers -----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def engine(any_db_url: URL) -> Iterator[Engine]:
-    eng = db.make_engine(any_db_url)
-    db.upgrade(eng)
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
-def pg_engine(pg_url: URL) -> Iterator[Engine]:
-    eng = db.make_engine(pg_url)
-    db.upgrade(eng)
-    yield eng
-    eng.dispose()
-
-
 def loader(engine: Engine, run_id: str | None = None) -> Loader:
     run_id = run_id or runs.new_run_id()
-    runs.start_run(engine, run_id, requested=0, skipped=0)
+    runs.RunRecorder(engine, run_id).start(requested=0, skipped=0)
     return Loader(engine, run_id)
 
 
@@ -219,7 +201,8 @@ def ordinary_batch(n: int, start: int = 1) -> list[Outcome]:
 
 def test_documented_payload_is_stored_with_exact_values(engine: Engine) -> None:
     load = loader(engine)
-    assert load.load([ok(DOCUMENTED)]) == {"loaded": 1, "not_found": 0, "failed": 0}
+    assert load.load([ok(DOCUMENTED)]) == {"loaded": 1, "not_found": 0, "failed": 0,
+                                          "warnings": 0}
 
     row = one(engine, calls, call_id="call-doc-1")
     assert row is not None
@@ -324,7 +307,8 @@ def test_loading_the_same_batch_again_leaves_the_same_rows(engine: Engine) -> No
     loader(engine).load(batch)
     first = dump(engine)
     second_loader = loader(engine)
-    assert second_loader.load(batch) == {"loaded": 31, "not_found": 0, "failed": 0}
+    assert second_loader.load(batch) == {"loaded": 31, "not_found": 0, "failed": 0,
+                                        "warnings": 0}
 
     assert dump(engine) == first
     assert len(first["calls"]) == 31
@@ -458,7 +442,7 @@ def test_not_found_after_an_earlier_load_keeps_the_call(engine: Engine) -> None:
     second = loader(engine)
     counts = second.load([Outcome("call-doc-1", NOT_FOUND, http_status=404, attempts=1)])
 
-    assert counts == {"loaded": 0, "not_found": 1, "failed": 0}
+    assert counts == {"loaded": 0, "not_found": 1, "failed": 0, "warnings": 0}
     assert one(engine, calls, call_id="call-doc-1") == stored
     status = statuses(engine)["call-doc-1"]
     assert (status["status"], status["http_status"], status["run_id"]) == (
@@ -482,7 +466,8 @@ def test_fetch_failure_is_recorded_with_its_reason(engine: Engine) -> None:
 
 def _assert_isolated(engine: Engine, run_id: str, bad_id: str, good: list[Outcome],
                      counts: dict[str, int], reason: str) -> None:
-    assert counts == {"loaded": len(good), "not_found": 0, "failed": 1}
+    assert counts == {"loaded": len(good), "not_found": 0, "failed": 1,
+                      "warnings": 0}
     got = statuses(engine)
     assert got[bad_id]["status"] == "failed"
     assert reason in got[bad_id]["error"]
@@ -575,7 +560,7 @@ def test_call_with_its_response_body_is_stored_like_the_parsed_payload(
     good = ordinary_batch(3)
     counts = loader(pg_engine).load([good[0], outcome, *good[1:]])
 
-    assert counts == {"loaded": 4, "not_found": 0, "failed": 0}
+    assert counts == {"loaded": 4, "not_found": 0, "failed": 0, "warnings": 0}
     row = one(pg_engine, calls, call_id="call-body")
     assert row["note"] == note.replace("\x00", "")
     assert row["raw"] == strip_nul(payload)

@@ -71,7 +71,7 @@ def test_call_details_view_returns_calls_with_customer_and_operator_names(
         "scenario": {"scenarioId": "scn-01"},
     }
     run_id = runs.new_run_id()
-    runs.start_run(engine, run_id, requested=2, skipped=0)
+    runs.RunRecorder(engine, run_id).start(requested=2, skipped=0)
     Loader(engine, run_id).load([
         Outcome("call-view", OK, payload=payload, http_status=200, attempts=1,
                 fetched_at=datetime.now(UTC)),

@@ -141,7 +141,8 @@ def test_execute_loads_the_ids_and_returns_the_summary(connections, sim: Simulat
     assert summary["loaded"] + summary["not_found"] == 21
     assert summary["failed"] == 0
     assert set(summary) == {"run_id", "status", "requested", "loaded", "not_found", "failed",
-                            "skipped", "duration_s", "calls_per_s"}
+                            "skipped", "warnings", "duration_s", "calls_per_s", "database",
+                            "api", "unknown_fields"}
     json.dumps(summary)  # XCom takes JSON
     assert ti.pushed == {}  # Airflow pushes the return value itself
     assert _loaded_ids(connections) == _loadable(GOOD)
@@ -160,6 +161,21 @@ def test_execute_takes_its_shard_of_an_ids_file(connections, tmp_path: Path):
         requested.append(summary["requested"])
     assert sum(requested) == len(ids)
     assert _loaded_ids(connections) == _loadable(ids)
+
+
+def test_retry_failed_refetches_only_the_failed_ids_of_its_shard(connections, sim: Simulator):
+    failing = [f"broken-op-shard{n}" for n in range(30)]
+    with pytest.raises(AirflowException):
+        _run(CommuboSyncOperator(task_id="sync", ids=failing))
+    mine = select_shard(failing, 2, 3)
+    assert 0 < len(mine) < len(failing)
+    before = {i: sim.requests_for(i) for i in failing}
+    ti = RecordingTI()
+    with pytest.raises(AirflowException):  # they fail again
+        CommuboSyncOperator(task_id="sync", ids=[], retry_failed=True, shard_index=2,
+                            num_shards=3).execute({"ti": ti})  # type: ignore[arg-type]
+    assert ti.pushed["return_value"]["requested"] == len(mine)
+    assert {i for i in failing if sim.requests_for(i) > before[i]} == set(mine)
 
 
 def test_failed_ids_fail_the_task_retryably_and_push_the_summary(connections):
