@@ -1,16 +1,22 @@
-"""Reliability report: inject faults, kills, terminated connections and concurrent runs into
-`etl sync`, then check every row. Writes docs/reliability.md.
+"""Reliability report: inject faults, hostile servers, a dead API, kills, signals, terminated
+connections and concurrent runs into `etl sync`, then check every row. Writes
+docs/reliability.md.
 
-    uv run python benchmarks/reliability.py            # the default run, about 2 minutes
-    uv run python benchmarks/reliability.py --quick    # fewer ids and kills, under a minute
+    uv run python benchmarks/reliability.py            # the default run, about 2.5 minutes
+    uv run python benchmarks/reliability.py --quick    # fewer ids and kills, under 2 minutes
     uv run python benchmarks/reliability.py --seed 7 --kills 20 --only kills,concurrent
 
 Scenarios (`--only`, comma-separated): faults (one run per fault kind the simulator injects:
 5xx bursts, 429 with Retry-After in seconds and as an HTTP date, connection resets, bodies
-cut short, answers slower than the timeout), bad-answers (404s, a persistently broken id,
-bodies that are not a call), random-faults (every request fails with probability 0.3),
-kills (SIGKILL at seeded random moments, run after run on one database), kills-in-batch
-(SIGKILL while a batch transaction is open, made certain by holding a lock the batch needs),
+cut short, answers slower than the timeout, answers or bodies trickled a byte at a time),
+bad-answers (404s, a persistently broken id, bodies that are not a call), hostile-bodies
+(gzip bombs, huge and endless bodies, terminal escape sequences; the peak RSS of the run),
+random-faults (every request fails with probability 0.3), dead-api (every connection refused,
+default settings, until the run stops with exit 3), api-dies (the API starts refusing in the
+middle of a run, then a rerun against a new one), wrong-base-url (the base URL with /v1 or
+/api after a good load), kills (SIGKILL at seeded random moments, run after run on one
+database), kills-in-batch (SIGKILL while a batch transaction is open, made certain by holding
+a lock the batch needs), signals (SIGTERM and SIGINT while every request hangs, then a rerun),
 terminated (pg_terminate_backend on the sync's sessions, between and inside batches),
 database-lost (every session terminated until the run stops with exit 3, then a rerun) and
 concurrent (several `etl sync` processes on overlapping ids at once, on an empty database).
@@ -27,7 +33,8 @@ snapshot of every customer and operator), not from another run, and compared wit
 - stale: customers, phone lists, operators and scenarios that are not the newest snapshot.
 
 The exit code is 1 when anything was lost, duplicated or stale, or a check failed (an exit
-code, an attempt limit, a Retry-After wait, a kill that missed the run).
+code, an attempt limit, a Retry-After wait, a kill that missed the run, an error text, a raw
+control character, a peak RSS, the time a stop took).
 """
 
 from __future__ import annotations
@@ -43,7 +50,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -71,11 +80,13 @@ from etl.simulator import (  # noqa: E402
     _RANDOM_FAULTS,
     DEFAULT_ACCESS_TOKEN,
     DEFAULT_TENANT_ID,
+    ESCAPE_REASON,
     Simulator,
     payload_for,
 )
 
-SCENARIOS = ("faults", "bad-answers", "random-faults", "kills", "kills-in-batch", "terminated",
+SCENARIOS = ("faults", "bad-answers", "hostile-bodies", "random-faults", "dead-api", "api-dies",
+             "wrong-base-url", "kills", "kills-in-batch", "signals", "terminated",
              "database-lost", "concurrent")
 FAULT_KINDS = {
     "e500": "HTTP 500 bursts",
@@ -86,11 +97,35 @@ FAULT_KINDS = {
     "reset": "connection reset (TCP RST)",
     "cut": "body cut short",
     "slow": "answer slower than the timeout",
+    "trickle": "whole answer trickled, a byte every 0.2 s",
+    "trickleb": "headers at once, body trickled a byte every 0.2 s",
 }
 BAD_ANSWERS = ("nf", "broken", "badjson", "wrongid", "nocallid", "array", "poison", "bigint")
 APP = "commubo-etl"
 MAX_ATTEMPTS = 4
 RETRY_AFTER_S = 2
+TIMEOUT_S = 0.5  # api.timeout_s of the fault runs: the deadline of a whole exchange
+TRICKLE_S = 0.2  # the simulator's pause between the bytes of a trickled answer
+CAP = "10,485,760 bytes"  # the default api.max_response_bytes, as etl writes it
+# Hostile bodies: kind -> (what the simulator sends, the error etl must record).
+HOSTILE_KINDS = {
+    "bomb": ("gzip bomb (300 KB inflating to 300 MiB)",
+             f"response body larger than {CAP} once decompressed (api.max_response_bytes)"),
+    "huge": ("100 MiB body with Content-Length",
+             f"response body larger than {CAP} (api.max_response_bytes)"),
+    "endless": ("chunked body that never ends",
+                f"response body larger than {CAP} (api.max_response_bytes)"),
+    # Escaped here by hand, not with etl's own function: \x1b, \x07 and \r as text.
+    "escape": ("HTTP 400 with terminal escape sequences in the reason and the body",
+               "400 Bad Request\\x1b]0;pwned\\x07\\x1b[2J\\rall calls synced OK"),
+}
+HOSTILE_EACH = 3
+RSS_LIMIT_MB = 150
+DEAD_API_IDS = 3000
+DEAD_API_LIMIT_S = 60
+SIGNAL_LIMIT_S = 10
+SIGNALS = {signal.SIGTERM: (143, "etl: stopped by SIGTERM: run "),
+           signal.SIGINT: (130, "etl: interrupted by Ctrl-C: run ")}
 
 
 def log(message: str) -> None:
@@ -191,16 +226,27 @@ class Bench:
         path.write_text("\n".join(ids) + "\n")
         return path
 
-    def start(self, api: Simulator, db: str, config: Path, ids: Path, *extra: str
-              ) -> subprocess.Popen[str]:
+    def default_config(self, name: str) -> Path:
+        """A config file that sets nothing: every api and sync setting at its default."""
+        path = self.workdir / f"{name}.toml"
+        path.write_text("# every setting at its default\n")
+        return path
+
+    def env(self, api: Simulator | None, db: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("COMMUBO_", "ETL_DATABASE_URL", "ETL_CONFIG"))}
-        env.update(COMMUBO_BASE_URL=api.url, COMMUBO_TENANT_ID=DEFAULT_TENANT_ID,
-                   COMMUBO_ACCESS_TOKEN=DEFAULT_ACCESS_TOKEN, ETL_DATABASE_URL=db)
+        env.update(COMMUBO_TENANT_ID=DEFAULT_TENANT_ID, COMMUBO_ACCESS_TOKEN=DEFAULT_ACCESS_TOKEN,
+                   ETL_DATABASE_URL=db)
+        if api is not None:
+            env["COMMUBO_BASE_URL"] = api.url
+        return env
+
+    def start(self, api: Simulator, db: str, config: Path, ids: Path, *extra: str
+              ) -> subprocess.Popen[str]:
         return subprocess.Popen(
             [sys.executable, "-m", "etl", "sync", "--config", str(config), "--ids-file",
              str(ids), "--json", *extra],
-            env=env, cwd=self.workdir, text=True, stdout=subprocess.PIPE,
+            env=self.env(api, db), cwd=self.workdir, text=True, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE)
 
     def run(self, api: Simulator, db: str, config: Path, ids: Path, *extra: str
@@ -208,6 +254,39 @@ class Bench:
         proc = self.start(api, db, config, ids, *extra)
         stdout, stderr = proc.communicate(timeout=600)
         return proc.returncode, stdout, stderr
+
+    def run_measured(self, api: Simulator, db: str, config: Path, ids: Path, *extra: str
+                     ) -> tuple[int, str, str, float]:
+        """`run`, and the peak RSS of the `etl sync` process in MB: the kernel's high-water
+        mark (ru_maxrss of wait4, KiB on Linux), not a sample that could miss a spike."""
+        proc = self.start(api, db, config, ids, *extra)
+        out: dict[str, str] = {}
+
+        def read(name: str, stream) -> None:
+            out[name] = stream.read()
+
+        readers = [threading.Thread(target=read, args=(name, stream), daemon=True)
+                   for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr))]
+        for reader in readers:
+            reader.start()
+        timer = threading.Timer(600, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        for reader in readers:
+            reader.join()
+        proc.stdout.close()
+        proc.stderr.close()
+        return proc.returncode, out["stdout"], out["stderr"], usage.ru_maxrss * 1024 / 1e6
+
+    def etl(self, db: str, *args: str) -> tuple[int, str, str]:
+        """Another `etl` command on a scenario's database (`etl failures`, say)."""
+        proc = subprocess.run([sys.executable, "-m", "etl", *args], env=self.env(None, db),
+                              cwd=self.workdir, text=True, capture_output=True, timeout=120)
+        return proc.returncode, proc.stdout, proc.stderr
 
     @staticmethod
     def duplicated(db: str) -> int:
@@ -240,14 +319,15 @@ class Bench:
         with contextlib.ExitStack() as stack:
             for kind in FAULT_KINDS:
                 started = time.monotonic()
-                sim = stack.enter_context(TimedSimulator(slow_s=1.5, retry_after_s=RETRY_AFTER_S,
-                                                         seed=self.args.seed))
+                sim = stack.enter_context(TimedSimulator(
+                    slow_s=1.5, retry_after_s=RETRY_AFTER_S, trickle_s=TRICKLE_S,
+                    seed=self.args.seed))
                 db = stack.enter_context(self.database(f"faults_{kind}"))
                 bursts = [f"{kind}-{b}-b{j}" for b in range(1, MAX_ATTEMPTS) for j in range(3)]
                 endless = [f"{kind}-{MAX_ATTEMPTS}-z{j}" for j in range(3)]
                 ids = [*(f"fault{kind}-{i:05d}" for i in range(n)), *bursts, *endless]
                 random.Random(self.args.seed).shuffle(ids)
-                config = self.config(f"faults-{kind}", timeout_s=0.5)
+                config = self.config(f"faults-{kind}", timeout_s=TIMEOUT_S)
                 proc = self.start(sim, db, config, self.ids_file(f"faults-{kind}", ids))
                 runs.append((kind, sim, db, ids, bursts, endless, proc, started))
             # The runs go at once: collect each as it ends, so each row gets its own time.
@@ -266,6 +346,28 @@ class Bench:
                 result.notes.append(f"bursts of 1 to {MAX_ATTEMPTS - 1} faults loaded; "
                                     f"{len(endless)} ids faulting {MAX_ATTEMPTS} times failed "
                                     f"after exactly {MAX_ATTEMPTS} attempts; exit 1")
+                if kind.startswith("trickle"):
+                    # No per-read timeout catches a byte every 0.2 s: only the deadline of
+                    # the whole exchange does, and the id fails as a timeout.
+                    said = (f"timed out: no complete answer within {TIMEOUT_S:g}s (gave up "
+                            f"after {MAX_ATTEMPTS} attempts)")
+                    with Watcher(db) as watcher:
+                        errors = watcher.errors(endless)
+                    wrong = {i: e for i, e in errors.items() if e != said}
+                    result.check(not wrong and len(errors) == len(endless),
+                                 f"errors of the always-trickling ids: {wrong or errors}")
+                    # A whole answer takes minutes at that pace: attempts that follow each
+                    # other within seconds were cut off at the deadline.
+                    gaps = [gap for i in (*bursts, *endless) for gap in sim.gaps(i)]
+                    result.check(bool(gaps) and min(gaps) >= TIMEOUT_S - 0.05
+                                 and max(gaps) < 10 * TIMEOUT_S,
+                                 f"attempts {min(gaps, default=0):.2f} to "
+                                 f"{max(gaps, default=0):.2f} s apart")
+                    result.notes.append(f"a byte every {TRICKLE_S:g} s against a "
+                                        f"{TIMEOUT_S:g} s deadline: attempts "
+                                        f"{min(gaps, default=0):.2f} to "
+                                        f"{max(gaps, default=0):.2f} s apart, each cut off at "
+                                        f"the deadline; error `{said}`")
                 if kind.startswith("e429"):
                     gap = sim.shortest_gap([*bursts, *endless])
                     floor = RETRY_AFTER_S if kind == "e429s" else RETRY_AFTER_S - 1
@@ -296,6 +398,74 @@ class Bench:
                             "exit 1")
         self.record(result, started)
 
+    def hostile_bodies(self) -> None:
+        """Bodies that would take the memory or the terminal, among ordinary ids; the peak
+        RSS of the run against the same ordinary ids alone, and with one kind at a time."""
+        started = time.monotonic()
+        seed = self.args.seed
+        ordinary = [f"hostile-{i:05d}" for i in range(self.args.ids // 5)]
+        hostile = {kind: [f"{kind}-{j}" for j in range(HOSTILE_EACH)] for kind in HOSTILE_KINDS}
+        peaks: dict[str, float] = {}
+        codes: dict[str, int] = {}
+        # What the ordinary ids cost alone, and with only the bombs or the endless bodies:
+        # separate processes, so each peak belongs to one kind.
+        for label, extra in (("ordinary ids alone", []), ("bombs", hostile["bomb"]),
+                             ("endless bodies", hostile["endless"])):
+            ids = [*ordinary, *extra]
+            random.Random(seed).shuffle(ids)
+            name = label.split()[0]
+            with Simulator(seed=seed) as sim, self.database(f"hostile_{name}") as db:
+                codes[label], _, _, peaks[label] = self.run_measured(
+                    sim, db, self.config(f"hostile-{name}"), self.ids_file(f"hostile-{name}",
+                                                                           ids))
+        ids = [*ordinary, *(i for kind_ids in hostile.values() for i in kind_ids)]
+        random.Random(seed).shuffle(ids)
+        with Simulator(seed=seed) as sim, self.database("hostile_bodies") as db, \
+                Watcher(db) as watcher:
+            code, stdout, stderr, peak = self.run_measured(
+                sim, db, self.config("hostile"), self.ids_file("hostile", ids))
+            served = {i: sim.requests_for(i) for kind_ids in hostile.values() for i in kind_ids}
+            errors = watcher.errors(list(served))
+            stored_errors = watcher.all_errors()
+            shown_code, shown, shown_err = self.etl(db, "failures")
+            result = Result("hostile bodies", "; ".join(what for what, _ in
+                                                        HOSTILE_KINDS.values()),
+                            sum(served.values()))
+            self.judge(result, db, ids, seed)
+        result.check(code == 1, f"exit {code}, expected 1")
+        result.check("Traceback" not in stderr, "a traceback on stderr")
+        again = sorted(i for i, n in served.items() if n != 1)
+        result.check(not again, f"hostile ids not requested exactly once: "
+                     f"{[(i, served[i]) for i in again]}")
+        for kind, kind_ids in hostile.items():
+            said = HOSTILE_KINDS[kind][1]
+            wrong = {i: errors.get(i) for i in kind_ids if errors.get(i) is None or not (
+                errors[i].startswith(said) if kind == "escape" else errors[i] == said)}
+            result.check(not wrong, f"{kind} errors: {wrong}")
+        raw = {where: _controls(text) for where, text in (
+            ("stdout", stdout), ("stderr", stderr), ("etl failures", shown + shown_err),
+            ("etl_call_status.error", "\n".join(stored_errors)))}
+        raw = {where: found for where, found in raw.items() if found}
+        result.check(not raw, f"raw control characters: {raw}")
+        result.check(ESCAPE_REASON not in "\n".join(stored_errors), "the raw reason was stored")
+        result.check(shown_code == 0 and all(i in shown for i in hostile["escape"]),
+                     f"etl failures exit {shown_code} or without the escape ids")
+        result.check(codes == {"ordinary ids alone": 0, "bombs": 1, "endless bodies": 1},
+                     f"exit codes of the runs by kind: {codes}")
+        result.check(peak < RSS_LIMIT_MB, f"peak RSS {peak:.0f} MB, limit {RSS_LIMIT_MB} MB")
+        reasons = {kind: said + ("…" if kind == "escape" else "")
+                   for kind, (_, said) in HOSTILE_KINDS.items()}
+        result.notes.append(
+            f"each of the {len(served)} hostile ids requested once and failed with its reason ("
+            + "; ".join(f"{kind}: `{said}`" for kind, said in reasons.items()) + "); no raw "
+            "control character in stdout, stderr, `etl failures` or the error column; exit 1")
+        result.notes.append(
+            f"peak RSS of `etl sync`: {peak:.0f} MB with every hostile kind (limit "
+            f"{RSS_LIMIT_MB} MB), " + ", ".join(f"{peaks[label]:.0f} MB with {label}"
+                                                 for label in peaks)
+            + f" ({len(ordinary)} ordinary ids each, concurrency 4)")
+        self.record(result, started)
+
     def random_faults(self) -> None:
         started = time.monotonic()
         rate, seed, attempts = 0.3, self.args.seed, 10
@@ -323,6 +493,126 @@ class Bench:
         result.check("Traceback" not in stderr, "a traceback on stderr")
         result.notes.append(f"{attempts} attempts per id; {len(failing)} id(s) drew "
                             f"{attempts} faults in a row and failed as expected; exit {code}")
+        self.record(result, started)
+
+    def dead_api(self) -> None:
+        """Every connection refused, with the default settings: the circuit breaker's window
+        (api.unreachable_after_s, 20 s) must stop the run long before the ids run out."""
+        started = time.monotonic()
+        ids = [f"dead-{i:05d}" for i in range(DEAD_API_IDS)]
+        with Simulator(refuse=True, seed=self.args.seed) as dead, \
+                self.database("dead_api") as db, Watcher(db) as watcher:
+            began = time.monotonic()
+            code, stdout, stderr = self.run(dead, db, self.default_config("dead"),
+                                            self.ids_file("dead", ids))
+            took = time.monotonic() - began
+            summary = _summary(stdout)
+            status = watcher.run_status(summary.get("run_id"))
+            result = Result("dead API", "every connection refused (the port bound, never "
+                            "listening), default api settings", 1)
+            # A run that reached nothing must leave nothing: judged against an empty warehouse.
+            tally(result, Warehouse(), stored_warehouse(normalize_database_url(db)),
+                  self.duplicated(db))
+            result.requested = len(ids)
+            requests, stored = dead.total_requests, watcher.committed()
+        line = _one_line(result, stderr)
+        result.check(code == 3, f"exit {code}, expected 3")
+        result.check(took < DEAD_API_LIMIT_S, f"stopped after {took:.0f} s, limit "
+                     f"{DEAD_API_LIMIT_S} s")
+        result.check(line.startswith(f"etl: error: cannot reach the API at {dead.url}: "
+                                     "connection refused (no answer for ")
+                     and "api.unreachable_after_s = 20)" in line, f"message: {line!r}")
+        result.check(stored == 0, f"{stored} status rows, expected none")
+        result.check(status == "failed", f"run status {status!r}, expected failed")
+        result.check(requests == 0, f"{requests} requests reached the simulator")
+        result.notes.append(f"{len(ids):,} ids; exit 3 {took:.1f} s after the start, one line "
+                            f"(`{line}`); no status row, run `failed`")
+        self.record(result, started)
+
+    def api_dies(self) -> None:
+        """The API starts refusing every connection once some batches are committed; the run
+        stops (a 2 s breaker window), and --skip-loaded against a new simulator finishes."""
+        started = time.monotonic()
+        seed = self.args.seed
+        ids = [*(f"dies-{i:05d}" for i in range(self.args.ids)), "nf-dies", "poison-dies"]
+        want = expected_warehouse(ids, seed)
+        config, path = self.config("dies", batch_size=20, unreachable_after_s=2), \
+            self.ids_file("dies", ids)
+        with self.database("api_dies") as db, Watcher(db) as watcher:
+            with Simulator(latency_ms=5, seed=seed) as sim:
+                proc = self.start(sim, db, config, path)
+                wait_for(lambda: watcher.committed() >= 100 or proc.poll() is not None)
+                sim.refuse_connections()
+                died = time.monotonic()
+                before = watcher.statuses()
+                stdout, stderr = proc.communicate(timeout=600)
+                stopped_s = time.monotonic() - died
+                after = watcher.statuses()
+            with Simulator(latency_ms=5, seed=seed) as again:
+                code, _, rerun_err = self.run(again, db, config, path, "--skip-loaded")
+            result = Result("API dies mid-run", "every connection refused from the moment "
+                            f"{len(before)} ids were committed (`refuse_connections()`), then "
+                            "--skip-loaded against a new simulator", 1)
+            self.judge(result, db, ids, seed)
+        line = _one_line(result, stderr)
+        changed = sorted(i for i, held in before.items() if after.get(i) != held)
+        wrong = sorted(i for i, (status, _) in after.items() if status != want.statuses[i])
+        result.check(proc.returncode == 3, f"exit {proc.returncode}, expected 3")
+        result.check(line.startswith(f"etl: error: cannot reach the API at {sim.url}: ")
+                     and "api.unreachable_after_s = 2)" in line, f"message: {line!r}")
+        result.check(len(before) < len(ids), "the run had ended before the API died")
+        result.check(not changed, f"committed ids changed or gone (first 5): {changed[:5]}")
+        result.check(not wrong, f"ids stored with a status not theirs (first 5): {wrong[:5]}")
+        result.check(code == 1, f"rerun exit {code}, expected 1 (poison-dies)")
+        result.check("Traceback" not in stderr + rerun_err, "a traceback on stderr")
+        result.notes.append(
+            f"the run stopped {stopped_s:.1f} s after the API died, exit 3, one line "
+            f"(`{line}`); the {len(before)} ids committed before stayed as they were, "
+            f"{len(after) - len(before)} more were committed from what was fetched, none "
+            "recorded failed for want of an answer; the rerun with --skip-loaded against a "
+            "new simulator (same seed) completed the work, exit 1 (poison-dies)")
+        self.record(result, started)
+
+    def wrong_base_url(self) -> None:
+        """After a good load: the base URL with /v1 (refused before any request), then with
+        /api (the simulator answers 404 for every id). Neither may touch a status."""
+        started = time.monotonic()
+        seed = self.args.seed
+        ids = [f"base-{i:05d}" for i in range(self.args.ids // 5)]
+        with Simulator(seed=seed) as sim, self.database("wrong_base_url") as db, \
+                Watcher(db) as watcher:
+            config, path = self.config("base"), self.ids_file("base", ids)
+            first, _, _ = self.run(sim, db, config, path)
+            before, served = watcher.statuses(), sim.total_requests
+            v1, _, v1_err = self.run(sim, db, config, path, "--base-url", sim.url + "/v1")
+            v1_requests, served = sim.total_requests - served, sim.total_requests
+            api, _, api_err = self.run(sim, db, config, path, "--base-url", sim.url + "/api")
+            api_requests = sim.total_requests - served
+            after = watcher.statuses()
+            result = Result("wrong base URL", "the base URL + /v1, then + /api (404 for every "
+                            "id) after a good load", 2)
+            self.judge(result, db, ids, seed)
+        v1_line, api_line = _one_line(result, v1_err), _one_line(result, api_err)
+        result.check(first == 0, f"first load exit {first}, expected 0")
+        result.check(v1 == 2, f"/v1 exit {v1}, expected 2")
+        result.check(v1_requests == 0, f"{v1_requests} requests with /v1, expected none")
+        result.check("must not include /v1" in v1_line, f"/v1 message: {v1_line!r}")
+        result.check(api == 2, f"/api exit {api}, expected 2")
+        result.check(api_line.startswith("etl: error: every id answered so far was 404 Not "
+                                         "Found"), f"/api message: {api_line!r}")
+        changed = sorted(i for i in before.keys() | after.keys()
+                         if after.get(i, ("-",))[0] != before.get(i, ("-",))[0])
+        result.check(not changed, f"{len(changed)} statuses changed (first 5): {changed[:5]}")
+        # 404s for ids already stored as not_found are expected and recorded again (same
+        # status, the stopped run's run_id); any other rewrite would be a change.
+        rewritten = sorted(i for i in before if after.get(i) != before[i])
+        others = [i for i in rewritten if before[i][0] != "not_found"]
+        result.check(not others, f"rows rewritten by a wrong base URL (first 5): {others[:5]}")
+        result.notes.append(
+            f"/v1: exit 2 before any request (`{v1_line}`); /api: exit 2 after "
+            f"{api_requests} requests answered 404 (`{api_line}`); every status stayed as the "
+            f"first load left it ({len(rewritten)} ids already `not_found` were recorded "
+            "`not_found` again by the /api run, as a rerun would; no other row was written)")
         self.record(result, started)
 
     def kills(self) -> None:
@@ -407,6 +697,60 @@ class Bench:
             return None
         wait_for(lambda: not watcher.sessions())
         return watcher.committed() != before or not watcher.batches_whole()
+
+    def signals(self) -> None:
+        for sig in SIGNALS:
+            self._signal(sig)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        """A signal while every worker waits on an answer trickled a byte a second (with a
+        300 s timeout); then --skip-loaded with a short timeout, where the trickles fail."""
+        started = time.monotonic()
+        seed, name = self.args.seed, sig.name
+        wanted, said = SIGNALS[sig]
+        ordinary = [f"{name.lower()}-{i:05d}" for i in range(self.args.ids // 5)]
+        trickling = [f"trickle-99-{name.lower()}{j}" for j in range(8)]
+        ids = [*ordinary, *trickling]
+        random.Random(seed).shuffle(ids)
+        path = self.ids_file(f"sig-{name}", ids)
+        with Simulator(trickle_s=1, seed=seed) as sim, self.database(f"signal_{name}") as db, \
+                Watcher(db) as watcher:
+            proc = self.start(sim, db, self.config(f"sig-{name}", timeout_s=300), path)
+            # Four workers: once four trickling ids were asked for, every worker hangs.
+            wait_for(lambda: sum(sim.requests_for(i) > 0 for i in trickling) >= 4
+                     or proc.poll() is not None)
+            time.sleep(0.5)
+            hung = proc.poll() is None
+            sent = time.monotonic()
+            proc.send_signal(sig)
+            stdout, stderr = proc.communicate(timeout=600)
+            took = time.monotonic() - sent
+            fetched = [i for i in ordinary if sim.requests_for(i)]
+            stored = watcher.statuses()
+            status = watcher.run_status(_summary(stdout).get("run_id"))
+            rerun = self.config(f"sig-{name}-rerun", timeout_s=TIMEOUT_S)
+            code, _, rerun_err = self.run(sim, db, rerun, path, "--skip-loaded")
+            result = Result(f"{name} while requests hang",
+                            f"{name} to `etl sync` while its 4 workers waited on answers "
+                            "trickled a byte a second (timeout_s 300)", int(hung))
+            self.judge(result, db, ids, seed, failing=trickling)
+        line = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+        missing = [i for i in fetched if i not in stored]
+        result.check(hung, "the run had ended before the signal")
+        result.check(proc.returncode == wanted, f"exit {proc.returncode}, expected {wanted}")
+        result.check(took < SIGNAL_LIMIT_S, f"stopped {took:.1f} s after the signal, limit "
+                     f"{SIGNAL_LIMIT_S} s")
+        result.check(line.startswith(said), f"last line {line!r}")
+        result.check(status == "interrupted", f"run status {status!r}, expected interrupted")
+        result.check(not missing, f"fetched but not committed (first 5): {missing[:5]}")
+        result.check(code == 1, f"rerun exit {code}, expected 1 (the trickling ids)")
+        result.check("Traceback" not in stderr + rerun_err, "a traceback on stderr")
+        result.notes.append(
+            f"exit {proc.returncode} {took:.2f} s after the signal, last line `{line}`; run "
+            f"`interrupted`; the {len(fetched)} ids fetched before were committed; the rerun "
+            f"with --skip-loaded and timeout_s {TIMEOUT_S:g} completed the work (exit 1: the "
+            f"trickling ids failed after {MAX_ATTEMPTS} attempts)")
+        self.record(result, started)
 
     def terminated(self) -> None:
         started = time.monotonic()
@@ -506,6 +850,28 @@ def _communicate(proc: subprocess.Popen[str]) -> tuple[str, float]:
     return stderr, time.monotonic()
 
 
+def _summary(stdout: str) -> dict:
+    """The --json summary a sync printed (empty if it printed none)."""
+    try:
+        return json.loads(stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return {}
+
+
+def _one_line(result: Result, stderr: str) -> str:
+    """The `etl: ...` line that stopped a run; checks it is the only one and the last."""
+    lines = [x for x in stderr.splitlines() if x.startswith("etl: ")]
+    last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    result.check(len(lines) == 1 and lines[0] == last,
+                 f"expected one `etl:` line, last on stderr: {lines}")
+    return lines[-1] if lines else ""
+
+
+def _controls(text: str) -> list[str]:
+    """The raw control characters in `text`, a newline aside (C0, DEL, C1)."""
+    return sorted({repr(c) for c in text if c != "\n" and unicodedata.category(c) == "Cc"})
+
+
 def _fault(seed: int, call_id: str, attempt: int, rate: float) -> str | None:
     """The simulator's draw for an ordinary id's request (see etl/simulator.py)."""
     rng = random.Random(f"{seed}:{call_id}:{attempt}")
@@ -571,6 +937,29 @@ class Watcher:
             "etl_call_status WHERE status = 'loaded' EXCEPT SELECT call_id FROM calls)"
         ).fetchone()[0]
 
+    def statuses(self) -> dict[str, tuple[str, str]]:
+        """Every call's status and the run that wrote it."""
+        if not self.conn.execute("SELECT to_regclass('etl_call_status')").fetchone()[0]:
+            return {}
+        return {i: (s, r) for i, s, r in self.conn.execute(
+            "SELECT call_id, status, run_id FROM etl_call_status").fetchall()}
+
+    def errors(self, ids: list[str]) -> dict[str, str]:
+        return dict(self.conn.execute("SELECT call_id, error FROM etl_call_status WHERE "
+                                      "call_id = ANY(%s) AND error IS NOT NULL", (ids,)
+                                      ).fetchall())
+
+    def all_errors(self) -> list[str]:
+        return [e for (e,) in self.conn.execute(
+            "SELECT error FROM etl_call_status WHERE error IS NOT NULL").fetchall()]
+
+    def run_status(self, run_id: str | None) -> str | None:
+        if not self.conn.execute("SELECT to_regclass('etl_runs')").fetchone()[0]:
+            return None
+        row = self.conn.execute("SELECT status FROM etl_runs WHERE run_id = %s",
+                                (run_id,)).fetchone()
+        return row[0] if row else None
+
     def run_counts(self, run_id: str) -> tuple[int, int, int]:
         return tuple(self.conn.execute("SELECT loaded, not_found, failed FROM etl_runs WHERE "
                                        "run_id = %s", (run_id,)).fetchone())
@@ -617,9 +1006,13 @@ def render(results: list[Result], info: dict[str, str], args: argparse.Namespace
         f"- command: `{command}`",
         f"- seed {args.seed}; --ids {args.ids} (random faults: {2 * args.ids:,}; each fault "
         f"kind: {args.ids // 25} ordinary ids and 12 scripted ones; bad answers: "
-        f"{args.ids // 10} ordinary ids and 40 bad ones), {args.kills} random kills, "
-        f"{args.batch_kills} kills inside a batch, {args.terminations} terminations between "
-        f"and {args.terminations} inside batches, {args.processes} concurrent processes",
+        f"{args.ids // 10} ordinary ids and 40 bad ones; hostile bodies: {args.ids // 5} "
+        f"ordinary ids and {len(HOSTILE_KINDS) * HOSTILE_EACH} hostile ones; API dying: "
+        f"{args.ids + 2:,}; wrong base URL: {args.ids // 5}; each signal: {args.ids // 5} "
+        f"ordinary ids and 8 trickling ones; dead API: {DEAD_API_IDS:,} at any --ids), "
+        f"{args.kills} random kills, {args.batch_kills} kills inside a batch, "
+        f"{args.terminations} terminations between and {args.terminations} inside batches, "
+        f"{args.processes} concurrent processes",
         *(f"- {k}: {v}" for k, v in info.items()),
         "",
         verdict,
@@ -663,8 +1056,9 @@ METHOD = [
     "back (`tests/helpers.py`: `expected_warehouse`, `stored_warehouse`, `lost_ids`, "
     "`stale_entities`, the same checks the test suite uses):",
     "",
-    "- **times**: faults the simulator actually served (counted per request), kills that hit "
-    "a running sync, sessions terminated, processes started;",
+    "- **times**: faults the simulator actually served (counted per request: a hostile body "
+    "is one), kills that hit a running sync, signals that hit a hanging sync, sessions "
+    "terminated, processes started, runs with a wrong base URL, APIs that died;",
     "- **loaded / failed as expected / not found**: ids whose status is the expected one;",
     "- **lost**: ids whose call row is missing or differs in any column (`fetched_at` and "
     "`run_id` aside), or whose status is not the expected one;",
@@ -679,12 +1073,48 @@ METHOD = [
     f"with KIND (they must load) and ids failing {MAX_ATTEMPTS} times (they must fail after "
     f"exactly {MAX_ATTEMPTS} attempts, the configured limit); 429s carry a Retry-After of "
     f"{RETRY_AFTER_S} s, and the simulator's clock of each request shows the wait was kept; "
-    "`slow` answers after 1.5 s with a 0.5 s timeout.",
+    f"`slow` answers after 1.5 s with a {TIMEOUT_S:g} s timeout. `trickle` sends the whole "
+    f"answer, `trickleb` the body after the headers, a byte every {TRICKLE_S:g} s: every read "
+    f"succeeds, so only the deadline of the whole exchange ({TIMEOUT_S:g} s) can cut an "
+    "attempt off; the simulator's clock of each request shows the attempts followed each "
+    "other at that deadline, and the always-trickling ids must fail with `timed out: no "
+    f"complete answer within {TIMEOUT_S:g}s (gave up after {MAX_ATTEMPTS} attempts)`.",
     "- **bad answers** — 404s, a persistently broken id, bodies that are not JSON or not an "
     "object, a wrong or missing callId, a talkTime that is no number or beyond int32.",
+    f"- **hostile bodies** — ordinary ids (--ids / 5) and {HOSTILE_EACH} each of `bomb-` (a "
+    "gzip body of about 300 KB that inflates to 300 MiB), `huge-` (100 MiB announced by its "
+    "Content-Length), `endless-` (a chunked body that never ends) and `escape-` (HTTP 400 "
+    "whose reason phrase and body carry a terminal-title OSC, a clear-screen CSI and a bare "
+    "CR), shuffled, in one run. A body past api.max_response_bytes (10 MiB) must fail its id "
+    "after one request with `response body larger than 10,485,760 bytes[ once decompressed] "
+    "(api.max_response_bytes)`, an escape id with `400 Bad Request\\x1b]0;…`, the control "
+    "characters written out as text; no raw control character but the newline may reach "
+    "stdout, stderr, `etl failures` or `etl_call_status.error`. The peak RSS of the `etl "
+    "sync` process is the kernel's high-water mark (`ru_maxrss` from `os.wait4`), not a "
+    f"sample; it must stay under {RSS_LIMIT_MB} MB, and is set beside runs (processes and "
+    "databases of their own) of the same ordinary ids alone, with only the bombs and with "
+    "only the endless bodies.",
     "- **random faults** — every request for an ordinary id fails with probability 0.3 (500, "
     "502, 503, 429 in seconds or as a date, reset, cut); the draw is a function of (seed, "
     "id, attempt), so the ids that draw a fault on every attempt are known before the run.",
+    f"- **dead API** — {DEAD_API_IDS:,} ids against a simulator that refuses every connection "
+    "(its port bound by a socket that never listens), every setting at its default: the run "
+    f"must stop within {DEAD_API_LIMIT_S} s with exit 3 and one `etl: error: cannot reach the "
+    "API …` line once nothing answered for api.unreachable_after_s (20 s), and record no "
+    "status. Judged against an empty warehouse: a run that reached nothing leaves nothing.",
+    "- **API dies mid-run** — --ids ids plus a 404 and a poison id, batches of 20, "
+    "api.unreachable_after_s = 2; once 100 ids are committed the simulator refuses every "
+    "connection (`refuse_connections()`). The run must stop with exit 3 and one line; what "
+    "was committed before must stay as it was, and no id may be recorded `failed` for want "
+    "of an answer (every stored status is the expected one). Then the same command with "
+    "`--skip-loaded` against a new simulator with the same seed completes (exit 1: the "
+    "poison id), and every row is judged.",
+    "- **wrong base URL** — a good load of --ids / 5 ids, then the same command with the base "
+    "URL + `/v1` (refused before any request: exit 2, no request reaches the simulator) and "
+    "+ `/api` (the simulator answers 404 for every id: exit 2 and one `etl: error: every id "
+    "answered so far was 404 Not Found …` line once at least 50 ids not already stored as "
+    "`not_found` answered so). No status may change, no row but those of ids already "
+    "`not_found` may be written again; the rows are judged against the first load.",
     "- **SIGKILL at random moments** — one database; `etl sync` is started and killed with "
     "SIGKILL after a seeded random delay, again and again (every other run with "
     "`--skip-loaded`), then run to the end. Where each kill landed is read from "
@@ -694,6 +1124,14 @@ METHOD = [
     "EXCLUSIVE MODE`; the next batch writes scenarios, customers, phone numbers and operators "
     "and waits at calls; the sync is killed once PostgreSQL shows it waiting with rows "
     "written. Nothing of that batch may stay.",
+    "- **SIGTERM / SIGINT while requests hang** — --ids / 5 ordinary ids shuffled with 8 "
+    "`trickle-99-` ids (the whole answer a byte a second), timeout_s 300, concurrency 4: once "
+    "four trickling ids were requested every worker hangs, and 0.5 s later the signal is "
+    f"sent. The run must end within {SIGNAL_LIMIT_S} s of it with exit 143 (SIGTERM) or 130 "
+    "(SIGINT), the last stderr line `etl: stopped by SIGTERM: run …` or `etl: interrupted by "
+    "Ctrl-C: run …`, its `etl_runs.status` `interrupted`, and every ordinary id fetched before "
+    f"the signal committed. Then `--skip-loaded` with timeout_s {TIMEOUT_S:g} completes (the "
+    f"trickling ids fail after {MAX_ATTEMPTS} attempts), and every row is judged.",
     "- **connections terminated** — during one run, `pg_terminate_backend` on etl's idle "
     "pooled sessions between batches and on its session inside a batch (held by the lock as "
     "above). The run must go on by itself, and its counters in `etl_runs` must match its rows "
