@@ -47,7 +47,7 @@ from .config import (
 from .errors import AuthError, ConfigError, FatalError, InputError
 from .ids import read_ids, select_shard
 from .progress import LogProgress
-from .sync import SyncSummary, run_sync
+from .sync import DEFAULT_RELATED_DEPTH, SyncSummary, run_sync
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection, Context
@@ -98,11 +98,21 @@ class CommuboSyncOperator(BaseOperator):
     :param retry_failed: also fetch the ids whose last status is `failed`, of this task's shard
         only (as `etl sync --retry-failed --shard-index I --num-shards N`), so that mapped
         shards never refetch each other's ids.
+    :param follow_related: also fetch the calls that fetched calls derive from
+        (`relatedCallId`), transitively, each once a try (as `etl sync --follow-related`). A
+        shard follows the chains of its own ids, also where they lead into ids of another
+        shard's hash (two shards may then both fetch a call: the newest fetch wins). The
+        summary then has `related`, the number of calls fetched that way (also counted in
+        `loaded`, `not_found` and `failed`).
+    :param related_depth: with `follow_related`, how many links to follow from an id of the
+        task (1 = only the calls they name).
 
     Retries: the first try fetches every id of its shard, so a scheduled run refreshes calls
     that changed since the last fetch (the newest fetch wins). A retry (`try_number > 1`) passes
     `skip_loaded=True`: it only completes what the failed try left, and does not hit the API
-    again for what is already loaded.
+    again for what is already loaded, and with `follow_related` goes on along the chains from
+    the related ids stored with what it skips, so chains a failed try left unfinished are
+    completed.
     """
 
     template_fields: Sequence[str] = ("ids_file",)
@@ -123,6 +133,8 @@ class CommuboSyncOperator(BaseOperator):
         max_rps: float = 0,
         fail_on_failed_ids: bool = True,
         retry_failed: bool = False,
+        follow_related: bool = False,
+        related_depth: int = DEFAULT_RELATED_DEPTH,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -141,6 +153,8 @@ class CommuboSyncOperator(BaseOperator):
         self.max_rps = max_rps
         self.fail_on_failed_ids = fail_on_failed_ids
         self.retry_failed = retry_failed
+        self.follow_related = follow_related
+        self.related_depth = related_depth
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Run the sync of this task's shard and return its summary dict (SPEC section 3)."""
@@ -160,7 +174,9 @@ class CommuboSyncOperator(BaseOperator):
         try:
             summary = run_sync(settings, ids, skip_loaded=skip_loaded,
                                retry_failed=self.retry_failed, progress=LogProgress(),
-                               shard=(self.shard_index, self.num_shards))
+                               shard=(self.shard_index, self.num_shards),
+                               follow_related=self.follow_related,
+                               related_depth=self.related_depth)
         except AuthError as exc:
             self._push_partial(context, exc)
             raise AirflowFailException(
@@ -179,7 +195,8 @@ class CommuboSyncOperator(BaseOperator):
         if summary.failed and self.fail_on_failed_ids:
             self._push(context, result)
             raise AirflowException(
-                f"run {summary.run_id}: {summary.failed} of {summary.requested} ids failed "
+                f"run {summary.run_id}: {summary.failed} of "
+                f"{summary.requested + summary.related} ids failed "
                 f"after their retries ({summary.loaded} loaded, {summary.not_found} not found, "
                 f"{summary.skipped} skipped); a task retry fetches only what is not loaded; "
                 f"see them with `etl failures --run {summary.run_id}`"

@@ -14,6 +14,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import click
@@ -136,20 +137,29 @@ def cli(verbose: int, quiet: bool) -> None:
               help="Which shard of the ids to sync.")
 @click.option("--num-shards", type=int, default=1, show_default=True,
               help="How many shards the ids are split into (by a stable hash of the id).")
+@click.option("--follow-related", is_flag=True, help="Also fetch the calls that fetched calls "
+              "derive from (relatedCallId), transitively, each once.")
+@click.option("--related-depth", type=click.IntRange(min=1), metavar="N",
+              help="With --follow-related: follow at most N links from a call of the ids file "
+              "(default 5; 1 = only the calls they name).")
 @click.pass_context
 def sync(ctx: click.Context, ids_file: str | None, config: str | None, db_url: str | None,
          base_url: str | None, concurrency: int | None, batch_size: int | None,
          max_rps: float | None, as_json: bool, skip_loaded: bool, retry_failed: bool,
-         no_migrate: bool, shard_index: int, num_shards: int) -> None:
+         no_migrate: bool, shard_index: int, num_shards: int, follow_related: bool,
+         related_depth: int | None) -> None:
     """Fetch the calls of an ids file and upsert them into the warehouse."""
     from .progress import for_stream
-    from .sync import run_sync
+    from .sync import DEFAULT_RELATED_DEPTH, run_sync
 
     settings = _settings(config, database_url=db_url, base_url=base_url, concurrency=concurrency,
                          batch_size=batch_size, max_requests_per_s=max_rps)
     if ids_file is None and not retry_failed:
         raise InputError("give --ids-file PATH (or - for standard input), or --retry-failed")
+    if related_depth is not None and not follow_related:
+        raise InputError("--related-depth is for --follow-related: give both, or neither")
     ids = read_ids(ids_file) if ids_file is not None else []
+    # A shard follows the chains of its own ids, into ids of other shards' hashes too.
     ids = select_shard(ids, shard_index, num_shards)
     if display_url(settings.database_url) == DEFAULT_DATABASE_URL:
         log.info("no database configured (--db-url, ETL_DATABASE_URL or database.url): "
@@ -158,7 +168,8 @@ def sync(ctx: click.Context, ids_file: str | None, config: str | None, db_url: s
         with _stop_on_signals() as stop:
             summary = run_sync(settings, ids, skip_loaded=skip_loaded, retry_failed=retry_failed,
                                migrate=not no_migrate, progress=for_stream(), stop=stop,
-                               shard=(shard_index, num_shards))
+                               shard=(shard_index, num_shards), follow_related=follow_related,
+                               related_depth=related_depth or DEFAULT_RELATED_DEPTH)
     except EtlError as exc:
         partial = getattr(exc, "summary", None)
         if partial is not None:
@@ -172,8 +183,9 @@ def _print_summary(summary, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary.to_dict()))
         return
+    related = f" (and {summary.related} related)" if summary.related else ""
     click.echo(
-        f"run {summary.run_id} {summary.status}: {summary.requested} requested, "
+        f"run {summary.run_id} {summary.status}: {summary.requested} requested{related}, "
         f"{summary.loaded} loaded, {summary.not_found} not found, {summary.failed} failed, "
         f"{summary.skipped} skipped, {summary.warnings} with warnings in "
         f"{summary.duration_s:.1f}s ({summary.calls_per_s:.0f} calls/s), from {summary.api} "
@@ -221,6 +233,24 @@ def db_current(config: str | None, db_url: str | None) -> None:
     head = db.head_revision()
     state = "(head)" if current == head else f"(newest is {head}: run etl db upgrade)"
     click.echo(f"{current or '(none)'} {state}")
+
+
+@db_group.command("docs")
+@click.option("--output", default="docs/data-dictionary.md", show_default=True,
+              type=click.Path(dir_okay=False, allow_dash=True),
+              help="Where to write the data dictionary (- for standard output).")
+def db_docs(output: str) -> None:
+    """Write the data dictionary (every table, view, column and code value) from the schema."""
+    from .dictionary import render
+
+    text = render()
+    if output == "-":
+        click.echo(text, nl=False)
+        return
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    click.echo(f"wrote {path}", err=True)
 
 
 def _query_engine(config: str | None, db_url: str | None) -> Engine:

@@ -1,8 +1,10 @@
 """Fetching calls from the commubo API: bounded concurrency, retries, backoff, rate cap, and a
 circuit breaker for an API that cannot be reached.
 
-Workers pull ids from a shared iterator and put one `Outcome` per id into a bounded queue, so
+Workers pull ids from a shared source and put one `Outcome` per id into a bounded queue, so
 memory stays flat however many ids there are; the caller consumes outcomes as they complete.
+With a `follow` hook (`RelatedCalls`, for `etl sync --follow-related`) the source also takes the
+ids that fetched calls lead to, and ends only when nothing is left and nothing is in flight.
 Every exchange has a deadline and a size cap (`transport`); what an answer means is decided in
 one place (`policy`); how long to wait between attempts and how many to make is tenacity's
 job here (exponential backoff with jitter, or the server's Retry-After, capped).
@@ -17,8 +19,10 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -27,6 +31,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from .config import Settings
 from .errors import ApiUnreachable, ConfigError, EtlError
+from .ids import is_valid_call_id
 from .outcome import FAILED, NOT_FOUND, OK, Outcome
 from .policy import Decision, Verdict, judge_answer, judge_failure
 from .transport import (
@@ -50,6 +55,12 @@ _ERROR_BODY_BYTES = 64 * 1024
 # How long `close` waits for workers after cutting off their requests: a worker stuck in a
 # DNS lookup cannot be interrupted, and is a daemon thread that dies with the process.
 _JOIN_S = 5.0
+# How often a worker waiting for ids that calls in flight may lead to looks for a stop.
+_IDLE_S = 0.1
+
+# Given what fetching an id produced, the ids to fetch because of it (called by the worker
+# that fetched it, before the id counts as done).
+Follow = Callable[[Outcome], Iterable[str]]
 
 
 class _Retryable(Exception):
@@ -116,6 +127,49 @@ class CircuitBreaker:
                 "stays, run the same command again later")
 
 
+class _Source:
+    """The ids the workers fetch: those given, and those that `follow` finds in what was fetched.
+
+    Without `follow` a worker ends as soon as the given ids run out. With it, the source stays
+    open while any id is `open` (taken, and what it leads to not known yet): a worker that finds
+    nothing to take waits until an open id is done, then takes what it led to, or ends when
+    nothing is open any more. Every worker then ends, so the run does. Found ids go before the
+    rest of the given ones: a chain is finished before new ones start, which keeps the backlog
+    of found ids to about one per worker."""
+
+    def __init__(self, ids: Iterable[str], follow: Follow | None) -> None:
+        self._given = iter(ids)
+        self._follow = follow
+        self._found: deque[str] = deque()
+        self._open = 0
+        self._changed = threading.Condition()
+
+    def take(self, stop: threading.Event) -> str | None:
+        """The next id to fetch, or None when there is none left (or the run is stopping)."""
+        with self._changed:
+            while not stop.is_set():
+                call_id = self._found.popleft() if self._found else next(self._given, None)
+                if call_id is not None:
+                    self._open += 1
+                    return call_id
+                if self._follow is None or not self._open:
+                    return None
+                # Polled, not only notified: a stop sets an Event and takes no lock.
+                self._changed.wait(_IDLE_S)
+            return None
+
+    def done(self, outcome: Outcome) -> None:
+        """`outcome`'s id is fetched: add what it leads to, then close it. In that order: the
+        other way round, a waiting worker could see nothing open and end while ids still come
+        (none would be lost, the worker calling this takes them next, but fewer workers would
+        be left to fetch them)."""
+        found = list(self._follow(outcome)) if self._follow is not None else []
+        with self._changed:
+            self._found.extend(found)
+            self._open -= 1
+            self._changed.notify_all()
+
+
 class Extractor:
     """Fetches call ids with `settings.concurrency` workers. Use `fetch` as an iterator."""
 
@@ -179,21 +233,21 @@ class Extractor:
 
     # -- the consumer side --------------------------------------------------------------------
 
-    def fetch(self, ids: Iterable[str], tick_s: float | None = None
-              ) -> Iterator[Outcome | None]:
+    def fetch(self, ids: Iterable[str], tick_s: float | None = None,
+              follow: Follow | None = None) -> Iterator[Outcome | None]:
         """Outcomes in completion order. With `tick_s`, yields None whenever nothing arrived for
         that long (so the caller can commit a partial batch or notice a stop). Raises the
         error that stopped the run (a 403, an unreachable API) after yielding what was
-        already fetched."""
-        self.start(ids)
+        already fetched. With `follow`, also fetches the ids it names for each outcome."""
+        self.start(ids, follow)
         yield from self.results(tick_s)
 
-    def start(self, ids: Iterable[str]) -> None:
-        """Start the workers on `ids`; they fill the bounded queue until `results` drains it."""
-        source = iter(ids)
-        lock = threading.Lock()
+    def start(self, ids: Iterable[str], follow: Follow | None = None) -> None:
+        """Start the workers on `ids` (and what `follow` finds); they fill the bounded queue
+        until `results` drains it."""
+        source = _Source(ids, follow)
         self._workers = [
-            threading.Thread(target=self._work, args=(source, lock), daemon=True,
+            threading.Thread(target=self._work, args=(source,), daemon=True,
                              name=f"fetch-{n}")
             for n in range(self.settings.concurrency)
         ]
@@ -231,15 +285,15 @@ class Extractor:
 
     # -- the worker side ----------------------------------------------------------------------
 
-    def _work(self, source: Iterator[str], lock: threading.Lock) -> None:
+    def _work(self, source: _Source) -> None:
         slot = self._watchdog.slot_for_this_thread()
         try:
-            while not self._stop.is_set():
-                with lock:
-                    call_id = next(source, None)
-                if call_id is None:
-                    break
-                self._put(self._fetch_one(call_id, slot))
+            while (call_id := source.take(self._stop)) is not None:
+                outcome = self._fetch_one(call_id, slot)
+                # Before the hand-off: the ids it leads to are fetched while it waits in the
+                # queue, and the source knows whether to end without asking the consumer.
+                source.done(outcome)
+                self._put(outcome)
         except _Stopped:
             pass
         except EtlError as exc:  # the policy or the breaker stopped the run
@@ -354,3 +408,112 @@ def _parsed(call_id: str, body: bytes) -> Outcome:
                    fetched_at=datetime.now(UTC), body=body)
 
 
+
+
+# -- following related calls (etl sync --follow-related) --------------------------------------
+
+# Of some call ids, those stored as loaded, each with the related call id its stored row names.
+StoredLinks = Callable[[list[str]], dict[str, str | None]]
+
+
+def related_call_id(call_id: str, payload: Any) -> str | None:
+    """The id of the call that the fetched call `call_id` derives from, when its payload names
+    a valid one; None when it is absent, null or not a call id (such ids are not followed)."""
+    if not isinstance(payload, dict) or payload.get("callId") != call_id:
+        return None  # not the call asked for: it fails to load, and what it names is not ours
+    value = payload.get("relatedCallId")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # stored as its digits (transform.to_text): follow that same id
+    return value if isinstance(value, str) and is_valid_call_id(value) else None
+
+
+class RelatedCalls:
+    """Which ids to fetch because fetched calls derive from them (`etl sync --follow-related`):
+    the `Follow` hook of `Extractor.start` is `after`.
+
+    The ids of the ids file (`requested`) are at depth 0, the calls they derive from at depth 1,
+    and so on up to `max_depth`. Each id is handed out once a run however often it is reached,
+    and an id of the ids file never (it is fetched as such). An id's depth is the shortest way to
+    it found so far: the workers race, so a long chain may reach a call before a short one does;
+    the short one then reaches again what that call derives from, so the calls fetched are those
+    within `max_depth` of the ids file whatever the order the fetches complete in.
+
+    With `stored` (--skip-loaded), a related id already stored as loaded is not fetched (it is
+    counted in `skipped`), and its chain goes on from the related id its stored row names.
+
+    Memory: a set of the requested ids, and two entries per related id reached."""
+
+    def __init__(self, requested: Iterable[str], max_depth: int,
+                 stored: StoredLinks | None = None) -> None:
+        self._requested = frozenset(requested)
+        self._max_depth = max_depth
+        self._stored = stored
+        self._depth: dict[str, int] = {}  # each related id reached: the shortest way found
+        # Related ids whose own related id is known (fetched or stored): that id, or None.
+        self._link: dict[str, str | None] = {}
+        self._lock = threading.Lock()  # the workers call `after` at once
+        self.skipped = 0
+
+    def is_related(self, call_id: str) -> bool:
+        """Whether `call_id` was reached as a related call (and so fetched as one, unless
+        skipped)."""
+        return call_id in self._depth
+
+    def after(self, outcome: Outcome) -> list[str]:
+        """The ids to fetch because `outcome` was fetched."""
+        if outcome.status != OK:
+            return []  # a 404 or a failure names no call
+        return self._linked({outcome.call_id: related_call_id(outcome.call_id, outcome.payload)})
+
+    def after_stored(self, call_ids: list[str]) -> list[str]:
+        """The ids to fetch because of requested calls skipped as loaded (--skip-loaded): their
+        chains go on from the related ids stored with them, so a rerun completes the chains
+        that an interrupted or failed run left unfinished."""
+        return self._linked(self._stored(call_ids)) if self._stored is not None else []
+
+    def _linked(self, links: dict[str, str | None]) -> list[str]:
+        """Record what each call of `links` derives from; the ids to fetch because of that."""
+        to_fetch: list[str] = []
+        while links:
+            with self._lock:
+                new = self._reach(self._record(links))
+            # A database round trip: outside the lock, the id is already marked as reached.
+            loaded = self._stored(new) if self._stored is not None and new else {}
+            to_fetch += [i for i in new if i not in loaded]
+            with self._lock:
+                self.skipped += len(loaded)
+            links = loaded  # not fetched: their stored rows say what they derive from
+        return to_fetch
+
+    def _record(self, links: dict[str, str | None]) -> list[tuple[str, int]]:
+        """Under the lock: note the links of related calls; (id, depth) of each id linked to."""
+        reached = []
+        for call_id, related in links.items():
+            if related is not None and not is_valid_call_id(related):
+                related = None  # a stored value is text of any form
+            if call_id in self._depth:
+                self._link[call_id] = related
+            if related is not None:
+                # Read now, not when the fetch began: a shorter way may have been found since.
+                reached.append((related, self._depth.get(call_id, 0) + 1))
+        return reached
+
+    def _reach(self, reached: list[tuple[str, int]]) -> list[str]:
+        """Under the lock: the ids reached for the first time, within the depth limit."""
+        new = []
+        for first, first_depth in reached:
+            call_id: str | None = first
+            depth = first_depth
+            while (call_id is not None and depth <= self._max_depth
+                   and call_id not in self._requested):
+                known = self._depth.get(call_id)
+                if known is not None and known <= depth:
+                    break
+                self._depth[call_id] = depth
+                if known is None:
+                    new.append(call_id)
+                    break
+                # Reached by a shorter way: so is what it derives from, when that is known
+                # (when not, its fetch is still on and reads the new depth as it completes).
+                call_id, depth = self._link.get(call_id), depth + 1
+        return new

@@ -18,6 +18,7 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import (
+    JSON,
     Column,
     DateTime,
     Engine,
@@ -29,8 +30,10 @@ from sqlalchemy import (
     and_,
     cast,
     delete,
+    func,
     or_,
     select,
+    update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -51,7 +54,18 @@ from .config import display_url
 from .db import describe_db_error
 from .errors import DatabaseError, PayloadError
 from .outcome import FAILED, NOT_FOUND, OK, Outcome
-from .schema import calls, customer_phone_numbers, customers, etl_call_status, operators, scenarios
+from .schema import (
+    CALL_TYPES,
+    call_types,
+    calls,
+    customer_phone_numbers,
+    customer_versions,
+    customers,
+    etl_call_status,
+    operator_versions,
+    operators,
+    scenarios,
+)
 from .text import printable
 from .transform import CallRows, transform
 
@@ -219,12 +233,26 @@ class Loader:
         customer_rows: dict[str, CallRows] = {}
         operator_rows: dict[str, dict[str, Any]] = {}
         scenario_ids: set[str] = set()
+        # Every dated snapshot is a version, the newest or not; the first of equal keys wins.
+        customer_versions_: dict[tuple[str, datetime], dict[str, Any]] = {}
+        operator_versions_: dict[tuple[str, datetime], dict[str, Any]] = {}
+        call_types_: set[int] = set()
         for item in items:
             r = item.rows
             if r is None:
                 continue
             if not item.superseded:
                 call_rows[item.call_id] = r.call
+                if r.call["call_type"] is not None:
+                    call_types_.add(r.call["call_type"])
+            if r.customer is not None and r.customer["updated_date_time"] is not None:
+                customer_versions_.setdefault(
+                    (r.customer["customer_id"], r.customer["updated_date_time"]),
+                    self._customer_version(r))
+            if r.operator is not None and r.operator["updated_date_time"] is not None:
+                operator_versions_.setdefault(
+                    (r.operator["operator_id"], r.operator["updated_date_time"]),
+                    _version(r.operator))
             # PostgreSQL rejects ON CONFLICT DO UPDATE touching a row twice, and the newest
             # snapshot must win inside the batch too: keep one row per key, the newest.
             if r.customer is not None:
@@ -245,6 +273,13 @@ class Loader:
         if scenario_ids:
             self._execute(conn, scenarios, "scenario_id", "nothing",
                           [{"scenario_id": s} for s in sorted(scenario_ids)])
+        unknown_types = call_types_.difference(code for code, *_ in CALL_TYPES)
+        if unknown_types:
+            # The foreign key holds for codes the API doc does not list (loaded, with a
+            # warning): they get a row of their own.
+            self._execute(conn, call_types, "code", "nothing", [
+                {"code": code, "name": "unknown", "description": "Not in the API doc; first "
+                 "seen in a fetched call."} for code in sorted(unknown_types)])
         if customer_rows:
             ordered = [customer_rows[k] for k in sorted(customer_rows)]
             won = self._execute(conn, customers, "customer_id", "newest",
@@ -260,9 +295,15 @@ class Loader:
                           for p in r.phone_numbers]
                 if phones:
                     self._execute(conn, customer_phone_numbers, "customer_id", "insert", phones)
+        if customer_versions_:
+            # After `customers`, whose row lock serialises writers of one customer: this
+            # transaction's valid_to sees every version a concurrent run committed.
+            self._add_versions(conn, customer_versions, "customer_id", customer_versions_)
         if operator_rows:
             self._execute(conn, operators, "operator_id", "newest",
                           [operator_rows[k] for k in sorted(operator_rows)])
+        if operator_versions_:
+            self._add_versions(conn, operator_versions, "operator_id", operator_versions_)
         if call_rows:
             # Two runs fetching one call may commit in the opposite order of their fetches:
             # the stored row is replaced only by a fetch at least as new.
@@ -307,6 +348,33 @@ class Loader:
         # So the counters equal the run's summary, add up to what it requested, and do not
         # depend on when other runs commit; which run wrote a call is in its row and status.
         runs.add_counts(conn, self.run_id, _counts(items))
+
+    def _customer_version(self, r: CallRows) -> dict[str, Any]:
+        numbers = ([p["phone_number"] for p in r.phone_numbers] if r.phones_given else None)
+        # Staged as JSON text for PostgreSQL's COPY; SQLite's JSON type takes the list.
+        return _version(r.customer, phone_numbers=(
+            _json(numbers) if self._postgres and numbers is not None else numbers))
+
+    def _add_versions(self, conn: Connection, table: Table, key: str,
+                      versions: dict[tuple[str, datetime], dict[str, Any]]) -> None:
+        """Insert the versions not stored yet (a snapshot fetched again adds nothing), then
+        set valid_to of every version of those entities to the next version's valid_from,
+        so an older snapshot arriving late lands in its place."""
+        self._execute(conn, table, key, "nothing", [versions[k] for k in sorted(versions)])
+        ids = sorted({entity for entity, _ in versions})
+        for start in range(0, len(ids), _LOOKUP_CHUNK):
+            chunk = ids[start:start + _LOOKUP_CHUNK]
+            following = select(
+                table.c[key], table.c.updated_date_time,
+                func.lead(table.c.updated_date_time).over(
+                    partition_by=table.c[key], order_by=table.c.updated_date_time,
+                ).label("next_from"),
+            ).where(table.c[key].in_(chunk)).subquery()
+            conn.execute(update(table).where(
+                table.c[key] == following.c[key],
+                table.c.updated_date_time == following.c.updated_date_time,
+                table.c.valid_to.is_distinct_from(following.c.next_from),
+            ).values(valid_to=following.c.next_from))
 
     def _fetched_after(self, conn: Connection, items: list[_Item]) -> set[str]:
         """The ids of `items` whose stored call was fetched after the item."""
@@ -369,8 +437,9 @@ class Loader:
     def _statement(self, table: Table, key: str, mode: str):
         if self._postgres:
             stage = _STAGES[table.name]
-            # `raw` is staged as text (the body as received) and parsed into jsonb here.
-            source = select(*(cast(c, JSONB) if c.name == "raw" else c for c in stage.columns)
+            # JSON (`raw`: the body as received) is staged as text and parsed into jsonb here.
+            source = select(*(cast(c, JSONB) if isinstance(table.c[c.name].type, JSON) else c
+                              for c in stage.columns)
                             ).order_by(*(stage.c[k.name] for k in table.primary_key.columns))
             stmt = pg_insert(table).from_select([c.name for c in table.columns], source)
         else:
@@ -378,7 +447,8 @@ class Loader:
         if mode == "insert":
             return stmt
         if mode == "nothing":
-            return stmt.on_conflict_do_nothing(index_elements=[key])
+            return stmt.on_conflict_do_nothing(
+                index_elements=[c.name for c in table.primary_key.columns])
         # The primary key stays out of SET: PostgreSQL then takes the weaker row lock, which
         # does not conflict with the foreign-key checks of concurrent call inserts.
         changes = {c.name: stmt.excluded[c.name] for c in table.columns if c.name != key}
@@ -430,7 +500,8 @@ def _json(value: Any) -> str:
 
 
 def _stage_table(table: Table) -> Table:
-    columns = (Column(c.name, Text if c.name == "raw" else c.type) for c in table.columns)
+    columns = (Column(c.name, Text if isinstance(c.type, JSON) else c.type)
+               for c in table.columns)
     return Table(f"etl_stage_{table.name}", _STAGE_METADATA, *columns,
                  prefixes=["TEMPORARY"], postgresql_on_commit="DELETE ROWS")
 
@@ -446,10 +517,17 @@ def _copy_type(sql_type: Any) -> str:
 # Session-local staging tables (PostgreSQL path), one per target table; not part of the
 # warehouse schema, so kept out of `schema.metadata` and of the migrations.
 _STAGE_METADATA = MetaData()
-_STAGES = {t.name: _stage_table(t) for t in (scenarios, customers, customer_phone_numbers,
-                                             operators, calls, etl_call_status)}
+_STAGES = {t.name: _stage_table(t) for t in (
+    scenarios, call_types, customers, customer_phone_numbers, customer_versions, operators,
+    operator_versions, calls, etl_call_status)}
 _COPY_TYPES = {name: [_copy_type(c.type) for c in stage.columns]
                for name, stage in _STAGES.items()}
+
+
+def _version(snapshot: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """A version row: the snapshot's columns, valid from its updated_date_time; valid_to is
+    set by `_add_versions`."""
+    return {**snapshot, **more, "valid_from": snapshot["updated_date_time"], "valid_to": None}
 
 
 def _same_or_newer(candidate: dict[str, Any], held: dict[str, Any]) -> bool:

@@ -60,20 +60,20 @@ class RunRecorder:
         with self.engine.begin() as conn:
             conn.execute(etl_runs.insert().values(
                 run_id=self.run_id, started_at=now, status=RUNNING, requested=requested,
-                loaded=0, not_found=0, failed=0, skipped=skipped, warnings=0, host=HOST,
-                pid=os.getpid(), heartbeat_at=now,
+                loaded=0, not_found=0, failed=0, skipped=skipped, warnings=0, related=0,
+                host=HOST, pid=os.getpid(), heartbeat_at=now,
             ))
         self._thread = threading.Thread(target=self._beat, daemon=True, name="run-heartbeat")
         self._thread.start()
 
-    def finish(self, status: str, error: str | None = None) -> None:
-        """Store the final status (and the reason a run did not succeed). Raises what the
-        database raises: the caller decides whether that matters more than the run's own
-        error."""
+    def finish(self, status: str, error: str | None = None, related: int = 0) -> None:
+        """Store the final status, the reason a run did not succeed, and how many related
+        calls it fetched. Raises what the database raises: the caller decides whether that
+        matters more than the run's own error."""
         self._stop.set()
         with self.engine.begin() as conn:
             conn.execute(update(etl_runs).where(etl_runs.c.run_id == self.run_id).values(
-                status=status, finished_at=datetime.now(UTC),
+                status=status, finished_at=datetime.now(UTC), related=related,
                 error=printable(error, 1000) if error else None))
 
     def _beat(self) -> None:

@@ -9,17 +9,20 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from typing import Protocol
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import db, runs
 from .config import Settings, display_url, require_api, validate
 from .errors import DatabaseError, FatalError, InputError, Interrupted, RemoteConfigError
-from .extract import Extractor
+from .extract import Extractor, RelatedCalls, StoredLinks
 from .ids import is_valid_call_id, select_shard
 from .load import LOADED, Loader
 from .outcome import FAILED, NOT_FOUND, Outcome
+from .schema import calls, etl_call_status
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,10 @@ _TICK_S = 0.25
 # ids that truly do not exist should not fail a run.
 NOT_FOUND_SUSPECT = 50
 _NOT_FOUND_AT_END = 5
+# How many links `--follow-related` follows from a call of the ids file by default.
+DEFAULT_RELATED_DEPTH = 5
+# Ids per IN (...) list when looking up stored calls.
+_LOOKUP_CHUNK = 5000
 
 
 @dataclass
@@ -41,11 +48,15 @@ class SyncSummary:
 
     run_id: str
     status: str
-    requested: int
+    requested: int  # the ids asked for (the ids file's, and --retry-failed's)
+    # Calls fetched because a fetched call derives from them (--follow-related). They count
+    # in loaded, not_found and failed like any other fetch, so a run that completes has
+    # requested + related == loaded + not_found + failed + skipped.
+    related: int = 0
     loaded: int = 0
     not_found: int = 0
     failed: int = 0
-    skipped: int = 0
+    skipped: int = 0  # ids asked for and not fetched, stored as loaded already (--skip-loaded)
     warnings: int = 0  # calls loaded with values outside what the API doc allows
     duration_s: float = 0.0
     calls_per_s: float = 0.0
@@ -118,6 +129,8 @@ def run_sync(
     engine: Engine | None = None,
     stop: StopRequest | None = None,
     shard: tuple[int, int] | None = None,
+    follow_related: bool = False,
+    related_depth: int = DEFAULT_RELATED_DEPTH,
 ) -> SyncSummary:
     """Fetch `ids` from the API and load them into `settings.database_url`.
 
@@ -128,10 +141,20 @@ def run_sync(
     run to end early; it then raises Interrupted (exit 130 or 143) after recording the run.
     `shard` (index, count) keeps `retry_failed` to the failed ids of that shard (`ids` are
     the caller's to select).
+
+    With `follow_related`, the calls that fetched calls derive from (`relatedCallId`) are
+    fetched too, transitively, up to `related_depth` links from an id of `ids` (1: only the
+    calls they name), each id once; with `skip_loaded`, those stored as loaded are not
+    fetched again (`extract.RelatedCalls`). A shard follows the chains of its own ids wherever
+    they lead: a related id may hash to another shard, and is then fetched by each shard whose
+    calls lead to it, which is harmless (the newest fetch of a call wins).
     """
     validate(settings)
     require_api(settings)
     ids = _checked(ids)
+    if follow_related and (isinstance(related_depth, bool) or not isinstance(related_depth, int)
+                           or related_depth < 1):
+        raise InputError(f"the related depth must be a positive integer, got {related_depth!r}")
     own_engine = engine is None
     engine = engine or db.make_engine(settings.database_url)
     progress = progress or _NoProgress()
@@ -140,6 +163,7 @@ def run_sync(
     # workers start now and fill their bounded queue while the schema is checked or
     # upgraded (with Alembic's import, the slowest part of a start).
     early = not (skip_loaded or retry_failed)
+    related: RelatedCalls | None = None
     try:
         # Before any request: a database that cannot be reached (exit 3), or that this role
         # cannot write to, or a stale schema under --no-migrate (exit 2), must not cost the
@@ -147,7 +171,9 @@ def run_sync(
         db.preflight(engine, migrate)
         started = time.monotonic()
         if early:
-            extractor.start(ids)
+            # Following related ids needs no database either, without --skip-loaded.
+            related = RelatedCalls(ids, related_depth) if follow_related else None
+            extractor.start(ids, related.after if related else None)
         if migrate:
             db.upgrade(engine)
         runs.mark_abandoned(engine)
@@ -158,9 +184,16 @@ def run_sync(
             known = set(ids)
             ids = ids + [i for i in failed if i not in known]
         todo = ids
+        done: set[str] = set()
         if skip_loaded:
             done = runs.ids_with_status(engine, LOADED, ids)
             todo = [i for i in ids if i not in done]
+        found: list[str] = []
+        if follow_related and not early:
+            related = RelatedCalls(ids, related_depth,
+                                   _stored_links(engine) if skip_loaded else None)
+            # The chains of the calls skipped as loaded go on from what is stored with them.
+            found = related.after_stored(list(done))
         recorder = runs.RunRecorder(engine, runs.new_run_id())
         summary = SyncSummary(recorder.run_id, runs.RUNNING, requested=len(ids),
                               skipped=len(ids) - len(todo),
@@ -176,16 +209,41 @@ def run_sync(
                  summary.database)
         if not early:
             started = time.monotonic()
-            extractor.start(todo)
+            extractor.start(chain(todo, found), related.after if related else None)
+        # The total is what was asked for: how many related calls there are is not known yet.
         progress.start(len(todo))
         _pipeline(settings, engine, extractor, recorder, summary, progress, started,
-                  stop or StopRequest())
+                  stop or StopRequest(), related)
         return summary
     finally:
         extractor.close()
         progress.close()
         if own_engine:
             engine.dispose()
+
+
+def _stored_links(engine: Engine) -> StoredLinks:
+    """For --skip-loaded --follow-related: of some ids, those stored as loaded, each with the
+    related id its stored call names (asked by the workers, for the related ids they reach)."""
+    joined = etl_call_status.outerjoin(calls, calls.c.call_id == etl_call_status.c.call_id)
+    query = select(etl_call_status.c.call_id, calls.c.related_call_id).select_from(joined)
+
+    def lookup(call_ids: list[str]) -> dict[str, str | None]:
+        found: dict[str, str | None] = {}
+        try:
+            with engine.connect() as conn:
+                for start in range(0, len(call_ids), _LOOKUP_CHUNK):
+                    found.update(conn.execute(query.where(
+                        etl_call_status.c.status == LOADED,
+                        etl_call_status.c.call_id.in_(call_ids[start:start + _LOOKUP_CHUNK]),
+                    )).all())
+        except SQLAlchemyError as exc:
+            # In a worker: an EtlError stops the run as a database failure (exit 3).
+            raise DatabaseError("cannot look up the stored related calls: "
+                                f"{db.describe_db_error(exc, engine.url)}") from None
+        return found
+
+    return lookup
 
 
 def _checked(ids: Iterable[str]) -> list[str]:
@@ -204,7 +262,7 @@ def _checked(ids: Iterable[str]) -> list[str]:
 
 def _pipeline(settings: Settings, engine: Engine, extractor: Extractor,
               recorder: runs.RunRecorder, summary: SyncSummary, progress: Progress,
-              started: float, stop: StopRequest) -> None:
+              started: float, stop: StopRequest, related: RelatedCalls | None = None) -> None:
     loader = Loader(engine, summary.run_id)
     held = _HoldBack(engine, settings)
     batch: list[Outcome] = []
@@ -218,6 +276,8 @@ def _pipeline(settings: Settings, engine: Engine, extractor: Extractor,
             summary.not_found += counts.get(NOT_FOUND, 0)
             summary.failed += counts.get(FAILED, 0)
             summary.warnings += counts.get("warnings", 0)
+            if related is not None:  # counted as the loader counts: once committed
+                summary.related += sum(related.is_related(o.call_id) for o in batch)
             _timing(summary, started)
             batch = []
             new = loader.unknown_fields.difference(summary.unknown_fields)
@@ -234,7 +294,9 @@ def _pipeline(settings: Settings, engine: Engine, extractor: Extractor,
                 break
             if outcome is not None:
                 batch.extend(held.admit(outcome))
-                progress.advance(1, summary)
+                # The display counts the ids asked for: a related call moves no count.
+                progress.advance(0 if related and related.is_related(outcome.call_id) else 1,
+                                 summary)
             if len(batch) >= settings.batch_size or (
                 batch and time.monotonic() - last_flush >= FLUSH_INTERVAL_S
             ):
@@ -269,7 +331,8 @@ def _pipeline(settings: Settings, engine: Engine, extractor: Extractor,
     summary.status = runs.PARTIAL if summary.failed else runs.SUCCEEDED
     try:
         recorder.finish(summary.status,
-                        f"{summary.failed} id(s) failed" if summary.failed else None)
+                        f"{summary.failed} id(s) failed" if summary.failed else None,
+                        summary.related)
     except Exception as exc:
         raise DatabaseError(
             f"cannot record the end of run {summary.run_id}: "
@@ -277,6 +340,9 @@ def _pipeline(settings: Settings, engine: Engine, extractor: Extractor,
     log.info("run %s %s: %d loaded, %d not found, %d failed, %d skipped in %.1fs",
              summary.run_id, summary.status, summary.loaded, summary.not_found, summary.failed,
              summary.skipped, summary.duration_s)
+    if related is not None:
+        log.info("run %s: %d related calls fetched (counted above), %d more not fetched as "
+                 "they were loaded already", summary.run_id, summary.related, related.skipped)
 
 
 class _HoldBack:
@@ -349,7 +415,7 @@ def _end(recorder: runs.RunRecorder, summary: SyncSummary, started: float, statu
     is what gets reported)."""
     _timing(summary, started)
     summary.status = status
-    _try(lambda: recorder.finish(status, error))
+    _try(lambda: recorder.finish(status, error, summary.related))
 
 
 def _timing(summary: SyncSummary, started: float) -> None:

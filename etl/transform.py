@@ -300,6 +300,11 @@ def transform(payload: Any, *, call_id: str, fetched_at: datetime, run_id: str,
 
     call["customer_id"] = rows.customer["customer_id"] if rows.customer else None
     call["operator_id"] = operator_id if rows.operator else None
+    # Which version came with the call: one join to customer_versions / operator_versions.
+    call["customer_updated_date_time"] = (rows.customer["updated_date_time"]
+                                          if rows.customer else None)
+    call["operator_updated_date_time"] = (rows.operator["updated_date_time"]
+                                          if rows.operator else None)
     call["scenario_id"] = scenario_id
     call["raw"] = payload
     call["fetched_at"] = fetched_at

@@ -20,7 +20,8 @@ from etl.schema import DATA_TABLES, calls, etl_call_status, etl_runs
 from etl.simulator import Simulator, payload_for
 
 SUMMARY_KEYS = {"run_id", "status", "requested", "loaded", "not_found", "failed", "skipped",
-                "warnings", "duration_s", "calls_per_s", "database", "api", "unknown_fields"}
+                "warnings", "duration_s", "calls_per_s", "database", "api", "unknown_fields",
+                "related"}
 # Recognisable secrets: neither may show up in any output.
 TOKEN = "tok-SECRET-123"
 PASSWORD = "pw-SECRET-456"
@@ -266,9 +267,12 @@ def test_demo_syncs_simulated_calls_into_sqlite(tmp_path: Path) -> None:
     proc = run_etl("demo", "--calls", "50", "--db-url", f"sqlite:///{target}",
                    env=etl_env(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    loaded = len(servable(call_ids(1, 51)))
-    assert f"{loaded} loaded" in proc.stdout
+    loaded = int(re.search(r" (\d+) loaded, ", proc.stdout).group(1))
+    related = int(re.search(r"; (\d+) of them were related calls", proc.stdout).group(1))
+    # The 50 ids, and the chains they start (the demo follows them).
+    assert loaded > len(servable(call_ids(1, 51))) and related > 0
     assert "an analyst's first query" in proc.stdout
+    assert "history: " in proc.stdout and "call chains (call_links): " in proc.stdout
     count = query(URL.create("sqlite", database=str(target)),
                   text("SELECT COUNT(*) FROM calls"))[0][0]
     assert count == loaded

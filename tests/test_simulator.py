@@ -23,7 +23,10 @@ from etl.simulator import (
     ESCAPE_BODY,
     ESCAPE_REASON,
     Simulator,
+    customer_versions,
+    operator_versions,
     payload_for,
+    related_chain,
 )
 
 HEADERS = {
@@ -297,27 +300,6 @@ def test_quirks_across_ids() -> None:
     assert all(isinstance(p["connectResult"], str) for p in payloads)
 
 
-def test_customer_snapshots_share_identity_and_version() -> None:
-    by_customer: dict[str, list[dict]] = {}
-    for i in range(2000):
-        p = payload_for(f"call-{i}")
-        if p and "customer" in p:
-            by_customer.setdefault(p["customer"]["customerId"], []).append(p["customer"])
-    assert len(by_customer) <= 500
-    snaps = max(by_customer.values(), key=len)
-    assert len(snaps) >= 3
-    names = {(c["familyName"], c["personalName"], c.get("orgName")) for c in snaps}
-    assert len(names) == 1  # names fixed per customer
-    created = {datetime.fromisoformat(c["createdDateTime"].replace("Z", "+00:00")) for c in snaps}
-    assert len(created) == 1
-    for c in snaps:
-        updated = datetime.fromisoformat(c["updatedDateTime"].replace("Z", "+00:00"))
-        version = int(c["note"].removeprefix("snapshot v"))
-        assert (updated - next(iter(created))).total_seconds() == version * 60
-        assert len(c["phoneNumbers"]) <= 5
-    assert len({c["updatedDateTime"] for c in snaps}) > 1
-
-
 def test_concurrent_requests_overlap() -> None:
     with Simulator(latency_ms=200) as s:
 
@@ -346,6 +328,189 @@ def test_stop_with_idle_keepalive_connection_is_prompt(session: requests.Session
 def test_refuses_non_loopback_host() -> None:
     with pytest.raises(ValueError):
         Simulator(host="0.0.0.0")
+
+
+# -- versions of customers and operators, chains of related calls ------------------------------
+
+QUARTER_START = datetime(2026, 1, 1, tzinfo=UTC)
+QUARTER_END = datetime(2026, 4, 1, tzinfo=UTC)
+FILE_IDS = [f"call-{n:06d}" for n in range(1, 2001)]  # a typical ids file
+CUSTOMERS = [f"cus-{n:05d}" for n in range(500)]
+OPERATORS = [f"op-{n:03d}" for n in range(40)]
+# What a change may touch; names, creation time and ids never change.
+CUSTOMER_MUTABLE = {
+    "familyName", "familyNameKana", "orgName", "orgNameKana", "orgShortName",
+    "orgShortNameKana", "deptName", "deptNameKana", "deptShortName", "deptShortNameKana",
+    "phoneNumbers", "note",
+}
+OPERATOR_MUTABLE = {
+    "name", "nameKana", "shortName", "shortNameKana", "deptName", "deptNameKana",
+    "deptShortName", "deptShortNameKana", "operatorVoiceId",
+}
+
+
+def instant(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def attributes(version: dict) -> dict:
+    """A version without its dates (its offsets differ from version to version)."""
+    return {k: v for k, v in version.items() if k not in ("createdDateTime", "updatedDateTime")}
+
+
+def current(versions: list[dict], at: datetime) -> dict:
+    """The newest version updated at or before ``at``."""
+    return [v for v in versions if instant(v["updatedDateTime"]) <= at][-1]
+
+
+def plain_operator(embedded: dict) -> dict:
+    """An embedded operator with the call's voice-id quirks undone, as operator_versions has it."""
+    op = dict(embedded)
+    voice = op.pop("operatorVoiceId", None)
+    voice = op.pop("operatorVocieId", voice)
+    return {**op, "operatorVoiceId": int(voice)}
+
+
+def served_file() -> dict[str, dict]:
+    return {i: p for i in FILE_IDS if (p := payload_for(i)) is not None}
+
+
+def test_a_share_of_customers_and_operators_change_during_the_quarter() -> None:
+    for ids, versions_of, low, high in ((CUSTOMERS, customer_versions, 0.2, 0.4),
+                                        (OPERATORS, operator_versions, 0.2, 0.4)):
+        histories = {i: versions_of(i) for i in ids}
+        changes = [len(h) - 1 for h in histories.values()]
+        assert low <= sum(1 for n in changes if n) / len(ids) <= high
+        assert set(changes) == {0, 1, 2, 3}  # one to three changes, or none
+        for versions in histories.values():
+            created = {instant(v["createdDateTime"]) for v in versions}
+            assert len(created) == 1
+            updated = [instant(v["updatedDateTime"]) for v in versions]
+            # Version 0 predates the quarter, every change falls inside it, strictly in order.
+            assert created.pop() <= updated[0] < QUARTER_START
+            assert all(QUARTER_START <= u < QUARTER_END for u in updated[1:])
+            assert updated == sorted(set(updated))
+    # The offsets stay mixed, version by version.
+    stamps = [v["updatedDateTime"] for c in CUSTOMERS[:50] for v in customer_versions(c)]
+    assert any(s.endswith("Z") for s in stamps)
+    assert any(s.endswith("+09:00") for s in stamps)
+
+
+def test_consecutive_versions_differ_in_what_changed() -> None:
+    seen: dict[str, set[str]] = {"customer": set(), "operator": set()}
+    for kind, ids, versions_of, mutable in (
+            ("customer", CUSTOMERS, customer_versions, CUSTOMER_MUTABLE),
+            ("operator", OPERATORS, operator_versions, OPERATOR_MUTABLE)):
+        for entity in ids:
+            versions = [attributes(v) for v in versions_of(entity)]
+            for old, new in zip(versions, versions[1:], strict=False):
+                changed = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+                assert changed, (entity, old)
+                assert changed <= mutable, (entity, changed - mutable)
+                seen[kind] |= changed
+                if "phoneNumbers" in changed:
+                    assert len(new["phoneNumbers"]) <= 5
+                    assert len(new["phoneNumbers"]) >= len(old["phoneNumbers"])
+    # Every kind of change happens somewhere: moves, new numbers, renames, new voice ids.
+    assert {"deptName", "orgName", "phoneNumbers", "familyName", "note"} <= seen["customer"]
+    assert {"deptName", "name", "shortName", "operatorVoiceId"} <= seen["operator"]
+    assert customer_versions("cus-00003") == customer_versions("cus-00003")  # deterministic
+    assert customer_versions("cus-00003", seed=1) != customer_versions("cus-00003")
+
+
+def test_a_call_embeds_the_versions_current_at_its_time() -> None:
+    carried: dict[str, set[str]] = {}
+    for call_id, payload in served_file().items():
+        at = instant(payload["callDateTime"])
+        assert QUARTER_START <= at < QUARTER_END
+        if "customer" in payload:
+            cid = payload["customer"]["customerId"]
+            assert payload["customer"] == current(customer_versions(cid), at), call_id
+            carried.setdefault(cid, set()).add(payload["customer"]["updatedDateTime"])
+        if "operator" in payload:
+            op = plain_operator(payload["operator"])
+            assert op == current(operator_versions(op["operatorId"]), at), call_id
+    # So calls made at different times carry different versions of one customer.
+    assert sum(1 for stamps in carried.values() if len(stamps) > 1) > 50
+
+
+def test_chains_of_related_calls_end_at_earlier_calls_and_some_links_404() -> None:
+    served = served_file()
+    linking = {i: p for i, p in served.items() if "relatedCallId" in p}
+    assert 0.2 <= len(linking) / len(served) <= 0.4
+    lengths = []
+    linked: set[str] = set()
+    for call_id, payload in linking.items():
+        # Follow the payloads by hand: each link points at an earlier call, and it ends.
+        followed, here = [], payload
+        while here is not None and "relatedCallId" in here:
+            assert len(followed) < 6, (call_id, followed)
+            following = here["relatedCallId"]
+            followed.append(following)
+            there = payload_for(following)
+            if there is not None:
+                assert instant(there["callDateTime"]) < instant(here["callDateTime"])
+            here = there
+        assert related_chain(call_id) == followed
+        lengths.append(len(followed))
+        linked.update(followed)
+    assert set(lengths) == {1, 2, 3, 4, 5, 6}
+    missing = {i for i in linked if payload_for(i) is None}
+    assert 0.02 <= len(missing) / len(linked) <= 0.1  # deleted calls, still referenced
+    # Mostly outside the ids file, so following them has work to do; a few inside it.
+    inside = sum(1 for p in linking.values() if p["relatedCallId"] in served)
+    assert 0 < inside < 0.3 * len(linking)
+    assert related_chain(next(i for i in served if i not in linking)) == []
+
+
+def test_chain_members_tell_one_customers_story() -> None:
+    versions_seen = 0
+    for call_id, payload in served_file().items():
+        own = f"call-r{call_id.removeprefix('call-')}-"
+        # The call's own chain (after a link into the call-<digits> family, another root's).
+        for member in related_chain(call_id):
+            if not member.startswith(own):
+                break
+            there = payload_for(member)
+            if there is None:
+                continue
+            assert there["phoneNumber"] == payload["phoneNumber"]
+            assert ("customer" in there) == ("customer" in payload)
+            if "customer" in payload:
+                assert there["customer"]["customerId"] == payload["customer"]["customerId"]
+                versions_seen += there["customer"] != payload["customer"]
+    assert versions_seen > 0  # the customer changed between two calls of one chain
+
+
+def test_related_ids_outside_a_chain_do_not_exist() -> None:
+    root = next(i for i in FILE_IDS if related_chain(i)[:1] == [f"call-r{i[5:]}-1"])
+    chain = related_chain(root)
+    # Beyond the longest chain, aliases of members, a root without a chain: all 404.
+    no_chain = next(i for i in FILE_IDS if not related_chain(i))
+    for call_id in (f"call-r{root[5:]}-7", f"call-r{root[5:]}-01", f"call-r{root[5:]}-0",
+                    f"call-r{no_chain[5:]}-1"):
+        assert payload_for(call_id) is None, call_id
+        assert related_chain(call_id) == []
+    assert payload_for("call-rx-1") is not None  # not the family: an ordinary id
+    # Not the numbered family: no relatedCallId at all.
+    for call_id in ("same-0001", "e503-2-call-000013", "wrongid-x", "call-x2"):
+        assert "relatedCallId" not in payload_for(call_id)
+    # A member's own chain is the rest of its root's.
+    assert related_chain(chain[0]) == chain[1:]
+    assert related_chain(root, seed=1) != chain or payload_for(root, seed=1) is None
+
+
+def test_the_simulator_serves_chains_and_404s_deleted_calls(
+    sim: Simulator, session: requests.Session
+) -> None:
+    ending_in_404 = next(c for i in FILE_IDS if len(c := related_chain(i)) >= 2
+                         and payload_for(c[-1]) is None)
+    for member in ending_in_404[:-1]:
+        r = get(session, sim, member)
+        assert r.status_code == 200
+        assert r.json() == payload_for(member)
+        assert r.json()["relatedCallId"] in ending_in_404
+    assert get(session, sim, ending_in_404[-1]).status_code == 404
 
 
 # -- hostile-server faults ---------------------------------------------------------------------

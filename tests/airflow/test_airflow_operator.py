@@ -142,7 +142,7 @@ def test_execute_loads_the_ids_and_returns_the_summary(connections, sim: Simulat
     assert summary["failed"] == 0
     assert set(summary) == {"run_id", "status", "requested", "loaded", "not_found", "failed",
                             "skipped", "warnings", "duration_s", "calls_per_s", "database",
-                            "api", "unknown_fields"}
+                            "api", "unknown_fields", "related"}
     json.dumps(summary)  # XCom takes JSON
     assert ti.pushed == {}  # Airflow pushes the return value itself
     assert _loaded_ids(connections) == _loadable(GOOD)
