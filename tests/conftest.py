@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-from helpers import RouteServer
-from sqlalchemy import Engine, create_engine, text
+from helpers import RouteServer, fresh_database
+from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
 from etl import db
@@ -62,16 +61,8 @@ def pg_server() -> Iterator[URL]:
 @pytest.fixture
 def pg_url(pg_server: URL) -> Iterator[URL]:
     """A fresh, empty database for this test alone, dropped afterwards."""
-    name = f"etl_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(pg_server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield pg_server.set(database=name)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_database(pg_server) as url:
+        yield url
 
 
 @pytest.fixture

@@ -8,15 +8,17 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import URL
 
 from etl.config import Secret, Settings
@@ -33,6 +35,33 @@ from etl.simulator import DEFAULT_ACCESS_TOKEN, DEFAULT_TENANT_ID, Simulator, pa
 from etl.transform import CallRows, transform
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def fresh_database(server: URL, prefix: str = "etl_test") -> Iterator[URL]:
+    """A new, empty database on `server` for as long as the block runs, then dropped (FORCE:
+    sessions a killed process left behind do not keep it)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server.set(database=name)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def stored_statuses(db_url: URL) -> dict[str, str]:
+    """Every call id's status in etl_call_status."""
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return dict(conn.execute(select(etl_call_status.c.call_id,
+                                            etl_call_status.c.status)).all())
+    finally:
+        engine.dispose()
 
 
 def make_settings(sim: Simulator, db_url: URL, **changes) -> Settings:

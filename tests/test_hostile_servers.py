@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-from helpers import answer, etl_env, ids_file, make_settings, run_etl
+from helpers import answer, etl_env, ids_file, make_settings, run_etl, stored_statuses
 from sqlalchemy import create_engine, select
 from sqlalchemy.engine import URL
 
@@ -45,16 +45,6 @@ def fetch(settings, ids: list[str]) -> dict:
 
 def no_control(text: str) -> bool:
     return not any(c in text for c in CONTROL)
-
-
-def statuses(db_url: URL) -> dict[str, str]:
-    engine = create_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            return dict(conn.execute(select(etl_call_status.c.call_id,
-                                            etl_call_status.c.status)).all())
-    finally:
-        engine.dispose()
 
 
 def run_rows(db_url: URL) -> list[dict]:
@@ -263,7 +253,7 @@ def test_a_dead_api_stops_a_3000_id_run_within_a_minute_with_exit_3(pg_url, tmp_
     [run] = run_rows(pg_url)
     assert run["status"] == "failed"
     # Ids that gave up before the breaker tripped are not recorded: the API was at fault.
-    assert statuses(pg_url) == {}
+    assert stored_statuses(pg_url) == {}
 
 
 def test_an_unknown_host_stops_the_run_naming_the_cause(sim, sqlite_url):
@@ -279,13 +269,13 @@ def test_what_loaded_before_the_api_died_stays(sim, pg_url):
                              batch_size=5)
     first = [f"call-{n:06d}" for n in range(1, 41)]
     run_sync(settings, first)
-    before = statuses(pg_url)
+    before = stored_statuses(pg_url)
     sim.refuse_connections()
     with pytest.raises(ApiUnreachable) as caught:
         run_sync(settings, first + [f"call-{n:06d}" for n in range(41, 400)])
     assert caught.value.summary.status == "failed"
     assert caught.value.summary.loaded == 0
-    assert statuses(pg_url) == before
+    assert stored_statuses(pg_url) == before
 
 
 def test_a_flaky_api_that_still_answers_some_requests_does_not_trip_the_breaker(sim, sqlite_url):
@@ -307,14 +297,14 @@ def test_a_run_where_every_answer_is_404_fails_and_downgrades_nothing(sim, pg_ur
     ids = [f"call-{n:06d}" for n in range(1, 81)]
     good = make_settings(sim, pg_url)
     run_sync(good, ids)
-    before = statuses(pg_url)
+    before = stored_statuses(pg_url)
     assert list(before.values()).count("loaded") > 70
 
     wrong = make_settings(sim, pg_url, base_url=sim.url + "/api")  # the simulator: 404
     with pytest.raises(RemoteConfigError, match="every id answered so far was 404 Not Found "
                        r"\(50 not known as not found before\): check the base URL"):
         run_sync(wrong, ids)
-    assert statuses(pg_url) == before
+    assert stored_statuses(pg_url) == before
     [_, second] = sorted(run_rows(pg_url), key=lambda r: r["started_at"])
     assert second["status"] == "failed"
     assert second["not_found"] == 0
@@ -323,7 +313,7 @@ def test_a_run_where_every_answer_is_404_fails_and_downgrades_nothing(sim, pg_ur
 def test_a_short_run_of_only_404s_fails_too(sim, sqlite_url):
     with pytest.raises(RemoteConfigError, match=r"\(6 not known"):
         run_sync(make_settings(sim, sqlite_url), [f"nf-{n}" for n in range(6)])
-    assert statuses(sqlite_url) == {}
+    assert stored_statuses(sqlite_url) == {}
 
 
 def test_a_few_404s_or_404s_already_known_are_recorded_as_usual(sim, sqlite_url):
@@ -341,7 +331,7 @@ def test_one_answer_that_is_not_404_releases_the_held_404s(sim, sqlite_url):
     ids = [f"nf-{n}" for n in range(30)] + ["call-000001"]
     summary = run_sync(make_settings(sim, sqlite_url, concurrency=1), ids)
     assert summary.not_found == 30
-    assert statuses(sqlite_url)["nf-29"] == NOT_FOUND
+    assert stored_statuses(sqlite_url)["nf-29"] == NOT_FOUND
 
 
 # -- stopping promptly ------------------------------------------------------------------------
@@ -377,7 +367,7 @@ def test_a_signal_stops_a_run_whose_requests_hang_within_seconds(sim, pg_url, tm
     assert "interrupted" in stdout  # the summary line
     [run] = run_rows(pg_url)
     assert run["status"] == "interrupted"
-    stored = statuses(pg_url)
+    stored = stored_statuses(pg_url)
     # What was fetched before the signal was committed, with counts that match the rows.
     assert set(ordinary) <= set(stored)
     assert run["loaded"] + run["not_found"] + run["failed"] == len(stored)

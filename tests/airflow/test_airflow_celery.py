@@ -36,10 +36,9 @@ import pytest
 import requests
 from airflow_helpers import api_connection, warehouse_connection
 from celery_stack import Stack, free_port, redis_answers
-from sqlalchemy import create_engine, select, text
+from helpers import fresh_database, stored_statuses
 from sqlalchemy.engine import URL
 
-from etl.schema import etl_call_status
 from etl.simulator import Simulator, payload_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,16 +97,8 @@ def celery_extra() -> None:
 @pytest.fixture
 def metadata_db(pg_server: URL) -> Iterator[URL]:
     """A fresh database for Airflow's metadata, dropped afterwards (FORCE: after the stack)."""
-    name = f"etl_airflow_meta_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(pg_server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield pg_server.set(database=name)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_database(pg_server, "etl_airflow_meta") as url:
+        yield url
 
 
 @pytest.fixture
@@ -202,16 +193,6 @@ def _forget_keys(url: str, token: str) -> None:
 
 def _airflow(*args: str) -> list[str]:
     return [sys.executable, "-m", "airflow", *args]
-
-
-def _statuses(url: URL) -> dict[str, str]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return dict(conn.execute(select(etl_call_status.c.call_id,
-                                            etl_call_status.c.status)).all())
-    finally:
-        engine.dispose()
 
 
 def test_example_dag_on_celery_workers_spreads_the_shards_and_loads_every_id(
@@ -350,7 +331,7 @@ def test_example_dag_on_celery_workers_spreads_the_shards_and_loads_every_id(
 
     # Every id is accounted for, with the status the simulator's answer calls for.
     expected = {i: "not_found" if payload_for(i) is None else "loaded" for i in IDS}
-    got = _statuses(pg_url)
+    got = stored_statuses(pg_url)
     wrong = {i: (got.get(i), want) for i, want in expected.items() if got.get(i) != want}
     extra = sorted(set(got) - set(expected))
     assert not wrong and not extra, (
