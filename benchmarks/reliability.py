@@ -6,88 +6,79 @@ docs/reliability.md.
     uv run python benchmarks/reliability.py --quick    # fewer ids and kills, under 2 minutes
     uv run python benchmarks/reliability.py --seed 7 --kills 20 --only kills,concurrent
 
-Scenarios (`--only`, comma-separated): faults (one run per fault kind the simulator injects:
-5xx bursts, 429 with Retry-After in seconds and as an HTTP date, connection resets, bodies
-cut short, answers slower than the timeout, answers or bodies trickled a byte at a time),
-bad-answers (404s, a persistently broken id, bodies that are not a call), hostile-bodies
-(gzip bombs, huge and endless bodies, terminal escape sequences; the peak RSS of the run),
-random-faults (every request fails with probability 0.3), dead-api (every connection refused,
-default settings, until the run stops with exit 3), api-dies (the API starts refusing in the
-middle of a run, then a rerun against a new one), wrong-base-url (the base URL with /v1 or
-/api after a good load), kills (SIGKILL at seeded random moments, run after run on one
-database), kills-in-batch (SIGKILL while a batch transaction is open, made certain by holding
-a lock the batch needs), signals (SIGTERM and SIGINT while every request hangs, then a rerun),
-terminated (pg_terminate_backend on the sync's sessions, between and inside batches),
-database-lost (every session terminated until the run stops with exit 3, then a rerun) and
-concurrent (several `etl sync` processes on overlapping ids at once, on an empty database).
+The scenarios (`--only`, comma-separated) are the SCENARIOS registry below; `--help` lists
+them. Each is a function over the harness (benchmarks/harness.py).
 
-Every `etl sync` is a process of its own (`python -m etl sync --json`), against the simulator
-(`etl.simulator`) running in this process and the PostgreSQL of --pg-url, where each scenario
-gets a database `rel_<scenario>_<pid>`, dropped afterwards. What each scenario should leave is
-derived from what the simulator serves (its payloads through `etl.transform`; the newest
-snapshot of every customer and operator), not from another run, and compared with every row:
+Every `etl sync` is a process of its own (`python -m etl sync --json`, measured through
+benchmarks/measure.py when it runs to its end), against the simulator (`etl.simulator`)
+running in this process and the PostgreSQL of --pg-url, where each scenario gets a fresh
+database `bench_run_<pid>_<n>_<scenario>`, dropped afterwards. What each scenario should
+leave is derived from what the simulator serves (`etl.testing.expected_warehouse`: its
+payloads through `etl.transform`; the newest snapshot of every customer and operator), not
+from another run, and compared with every row:
 
 - lost: ids whose call row is missing or differs, or whose status is not the expected one
   (`loaded`, `not_found`, or `failed` for what can never load);
 - duplicated: rows beyond one per key, in every data and status table;
 - stale: customers, phone lists, operators and scenarios that are not the newest snapshot.
 
-The exit code is 1 when anything was lost, duplicated or stale, or a check failed (an exit
+The exit code is 1 when anything was lost, duplicated or stale, a check failed (an exit
 code, an attempt limit, a Retry-After wait, a kill that missed the run, an error text, a raw
-control character, a peak RSS, the time a stop took).
+control character, a peak RSS, the time a stop took) or a scenario could not run.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import json
 import os
 import random
-import shlex
 import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
+from harness import (
+    REPO,
+    Context,
+    Registry,
+    Results,
+    child_env,
+    command_line,
+    drop_stale_databases,
+    etl_command,
+    finish,
+    load_average,
+    log,
+    machine_facts,
+    markdown_table,
+    report_header,
+    run_scenarios,
+    summary_json,
+    wait_for,
+)
+from harness import start as start_child
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the warehouse checks the test suite uses
-
-from helpers import (  # noqa: E402
+from etl.simulator import ESCAPE_REASON, Simulator, payload_for
+from etl.testing import (
     TimedSimulator,
     Warehouse,
+    duplicated_rows,
     expected_warehouse,
     lost_ids,
     stale_entities,
     stored_warehouse,
 )
-from machine import facts, git_state  # noqa: E402
 
-from etl.config import normalize_database_url  # noqa: E402
-from etl.simulator import (  # noqa: E402
-    _RANDOM_FAULTS,
-    DEFAULT_ACCESS_TOKEN,
-    DEFAULT_TENANT_ID,
-    ESCAPE_REASON,
-    Simulator,
-    payload_for,
-)
-
-SCENARIOS = ("faults", "bad-answers", "hostile-bodies", "random-faults", "dead-api", "api-dies",
-             "wrong-base-url", "kills", "kills-in-batch", "signals", "terminated",
-             "database-lost", "concurrent")
 FAULT_KINDS = {
     "e500": "HTTP 500 bursts",
     "e502": "HTTP 502 bursts",
@@ -126,12 +117,6 @@ DEAD_API_LIMIT_S = 60
 SIGNAL_LIMIT_S = 10
 SIGNALS = {signal.SIGTERM: (143, "etl: stopped by SIGTERM: run "),
            signal.SIGINT: (130, "etl: interrupted by Ctrl-C: run ")}
-
-
-def log(message: str) -> None:
-    print(f"[{datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
-
-
 # -- results -----------------------------------------------------------------------------------
 
 
@@ -179,683 +164,656 @@ def tally(result: Result, want: Warehouse, got: Warehouse, duplicated: int) -> R
     return result
 
 
-# -- the machinery -----------------------------------------------------------------------------
+# -- the session -------------------------------------------------------------------------------
 
 
+class Rel(Context):
+    """The session of reliability.py: the harness's Context, with config files and the
+    `etl sync` runs of a scenario against an in-process simulator."""
 
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args.pg_url, args=args, prefix="etl-reliability-")
 
-class Bench:
-    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
-        self.args = args
-        self.workdir = workdir
-        self.server = normalize_database_url(args.pg_url)
-        self.results: list[Result] = []
-
-    # -- databases and processes ---------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def database(self, name: str) -> Iterator[str]:
+    def database(self, name: str) -> contextlib.AbstractContextManager[str]:
         """A fresh database for one scenario; yields its libpq URL."""
-        db = f"rel_{name.replace('-', '_')}_{os.getpid()}"
-        admin = self.libpq(self.server)
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-            conn.execute(f'CREATE DATABASE "{db}"')
-        try:
-            yield self.libpq(self.server.set(database=db))
-        finally:
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-
-    @staticmethod
-    def libpq(url) -> str:
-        return url.set(drivername="postgresql").render_as_string(hide_password=False)
+        return self.fresh_db(name)
 
     def config(self, name: str, **api: object) -> Path:
         values = {"backoff_s": 0.01, "max_backoff_s": 0.05, "timeout_s": 5,
                   "max_attempts": MAX_ATTEMPTS, "concurrency": 4, "retry_after_cap_s": 10,
                   **api}
         batch = values.pop("batch_size", 50)
-        path = self.workdir / f"{name}.toml"
+        path = self.work / f"{name}.toml"
         path.write_text("[api]\n" + "".join(f"{k} = {v}\n" for k, v in values.items())
                         + f"\n[sync]\nbatch_size = {batch}\n")
         return path
 
-    def ids_file(self, name: str, ids: list[str]) -> Path:
-        path = self.workdir / f"{name}.txt"
-        path.write_text("\n".join(ids) + "\n")
-        return path
-
     def default_config(self, name: str) -> Path:
         """A config file that sets nothing: every api and sync setting at its default."""
-        path = self.workdir / f"{name}.toml"
+        path = self.work / f"{name}.toml"
         path.write_text("# every setting at its default\n")
         return path
 
-    def env(self, api: Simulator | None, db: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("COMMUBO_", "ETL_DATABASE_URL", "ETL_CONFIG"))}
-        env.update(COMMUBO_TENANT_ID=DEFAULT_TENANT_ID, COMMUBO_ACCESS_TOKEN=DEFAULT_ACCESS_TOKEN,
-                   ETL_DATABASE_URL=db)
-        if api is not None:
-            env["COMMUBO_BASE_URL"] = api.url
-        return env
+    def sync_cmd(self, config: Path, ids: Path, *extra: str) -> list[str]:
+        return etl_command("sync", "--config", str(config), "--ids-file", str(ids), "--json",
+                           *extra)
 
     def start(self, api: Simulator, db: str, config: Path, ids: Path, *extra: str
               ) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "etl", "sync", "--config", str(config), "--ids-file",
-             str(ids), "--json", *extra],
-            env=self.env(api, db), cwd=self.workdir, text=True, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE)
+        """`etl sync` unmeasured, to signal or kill while it runs (end it with `finish`)."""
+        return start_child(self.sync_cmd(config, ids, *extra),
+                           env=child_env(base_url=api.url, db_url=db), cwd=self.work)
 
     def run(self, api: Simulator, db: str, config: Path, ids: Path, *extra: str
             ) -> tuple[int, str, str]:
-        proc = self.start(api, db, config, ids, *extra)
-        stdout, stderr = proc.communicate(timeout=600)
-        return proc.returncode, stdout, stderr
+        """`etl sync` to its end: exit code, stdout, stderr."""
+        code, stdout, stderr, _ = self.run_measured(api, db, config, ids, *extra)
+        return code, stdout, stderr
 
     def run_measured(self, api: Simulator, db: str, config: Path, ids: Path, *extra: str
                      ) -> tuple[int, str, str, float]:
         """`run`, and the peak RSS of the `etl sync` process in MB: the kernel's high-water
-        mark (ru_maxrss of wait4, KiB on Linux), not a sample that could miss a spike."""
-        proc = self.start(api, db, config, ids, *extra)
-        out: dict[str, str] = {}
-
-        def read(name: str, stream) -> None:
-            out[name] = stream.read()
-
-        readers = [threading.Thread(target=read, args=(name, stream), daemon=True)
-                   for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr))]
-        for reader in readers:
-            reader.start()
-        timer = threading.Timer(600, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        for reader in readers:
-            reader.join()
-        proc.stdout.close()
-        proc.stderr.close()
-        return proc.returncode, out["stdout"], out["stderr"], usage.ru_maxrss * 1024 / 1e6
+        mark (ru_maxrss of wait4 by the launcher measure.py), not a sample that could miss a
+        spike."""
+        child = self.measure(self.sync_cmd(config, ids, *extra), 600,
+                             env=child_env(base_url=api.url, db_url=db))
+        return child.returncode, child.stdout, child.stderr, child.rss_mb
 
     def etl(self, db: str, *args: str) -> tuple[int, str, str]:
         """Another `etl` command on a scenario's database (`etl failures`, say)."""
-        proc = subprocess.run([sys.executable, "-m", "etl", *args], env=self.env(None, db),
-                              cwd=self.workdir, text=True, capture_output=True, timeout=120)
-        return proc.returncode, proc.stdout, proc.stderr
-
-    @staticmethod
-    def duplicated(db: str) -> int:
-        keys = {"calls": "call_id", "customers": "customer_id", "operators": "operator_id",
-                "scenarios": "scenario_id", "etl_call_status": "call_id",
-                "customer_phone_numbers": "(customer_id, position)"}
-        with psycopg.connect(db) as conn:
-            return sum(conn.execute(f"SELECT count(*) - count(DISTINCT {key}) FROM {table}"
-                                    ).fetchone()[0] for table, key in keys.items())
+        child = self.measure(etl_command(*args), 120, env=child_env(db_url=db))
+        return child.returncode, child.stdout, child.stderr
 
     def judge(self, result: Result, db: str, call_ids: list[str], seed: int = 0,
               failing: list[str] = ()) -> Result:
         want = expected_warehouse(call_ids, seed, failing)
-        return tally(result, want, stored_warehouse(normalize_database_url(db)),
-                     self.duplicated(db))
+        return tally(result, want, stored_warehouse(db), duplicated_rows(db))
 
-    def record(self, result: Result, started: float, finished: float | None = None) -> None:
+    def record(self, result: Result, started: float, finished: float | None = None) -> Result:
         result.duration_s = (finished or time.monotonic()) - started
-        self.results.append(result)
         state = "ok" if result.ok else "PROBLEM: " + "; ".join(result.problems)
         log(f"{result.scenario}: {result.times} x {result.injected}; lost {result.lost}, "
             f"duplicated {result.duplicated}, stale {result.stale}; {state}")
+        return result
 
-    # -- scenarios -----------------------------------------------------------------------------
 
-    def faults(self) -> None:
-        """One run per fault kind, all kinds at once (separate simulators and databases)."""
-        n = self.args.ids // 25
-        runs = []
-        with contextlib.ExitStack() as stack:
-            for kind in FAULT_KINDS:
-                started = time.monotonic()
-                sim = stack.enter_context(TimedSimulator(
-                    slow_s=1.5, retry_after_s=RETRY_AFTER_S, trickle_s=TRICKLE_S,
-                    seed=self.args.seed))
-                db = stack.enter_context(self.database(f"faults_{kind}"))
-                bursts = [f"{kind}-{b}-b{j}" for b in range(1, MAX_ATTEMPTS) for j in range(3)]
-                endless = [f"{kind}-{MAX_ATTEMPTS}-z{j}" for j in range(3)]
-                ids = [*(f"fault{kind}-{i:05d}" for i in range(n)), *bursts, *endless]
-                random.Random(self.args.seed).shuffle(ids)
-                config = self.config(f"faults-{kind}", timeout_s=TIMEOUT_S)
-                proc = self.start(sim, db, config, self.ids_file(f"faults-{kind}", ids))
-                runs.append((kind, sim, db, ids, bursts, endless, proc, started))
-            # The runs go at once: collect each as it ends, so each row gets its own time.
-            with ThreadPoolExecutor(len(runs)) as pool:
-                ended = list(pool.map(_communicate, [run[6] for run in runs]))
-            for (kind, sim, db, ids, bursts, endless, proc, started), (stderr, finished) in zip(
-                    runs, ended, strict=True):
-                injected = sum(min(int(i.split("-")[1]), sim.requests_for(i))
-                               for i in (*bursts, *endless))
-                result = Result(f"fault: {kind}", FAULT_KINDS[kind], injected)
-                self.judge(result, db, ids, self.args.seed, failing=endless)
-                result.check(proc.returncode == 1, f"exit {proc.returncode}, expected 1")
-                result.check("Traceback" not in stderr, "a traceback on stderr")
-                over = [i for i in endless if sim.requests_for(i) != MAX_ATTEMPTS]
-                result.check(not over, f"attempt limit not kept for {over}")
-                result.notes.append(f"bursts of 1 to {MAX_ATTEMPTS - 1} faults loaded; "
-                                    f"{len(endless)} ids faulting {MAX_ATTEMPTS} times failed "
-                                    f"after exactly {MAX_ATTEMPTS} attempts; exit 1")
-                if kind.startswith("trickle"):
-                    # No per-read timeout catches a byte every 0.2 s: only the deadline of
-                    # the whole exchange does, and the id fails as a timeout.
-                    said = (f"timed out: no complete answer within {TIMEOUT_S:g}s (gave up "
-                            f"after {MAX_ATTEMPTS} attempts)")
-                    with Watcher(db) as watcher:
-                        errors = watcher.errors(endless)
-                    wrong = {i: e for i, e in errors.items() if e != said}
-                    result.check(not wrong and len(errors) == len(endless),
-                                 f"errors of the always-trickling ids: {wrong or errors}")
-                    # A whole answer takes minutes at that pace: attempts that follow each
-                    # other within seconds were cut off at the deadline.
-                    gaps = [gap for i in (*bursts, *endless) for gap in sim.gaps(i)]
-                    result.check(bool(gaps) and min(gaps) >= TIMEOUT_S - 0.05
-                                 and max(gaps) < 10 * TIMEOUT_S,
-                                 f"attempts {min(gaps, default=0):.2f} to "
-                                 f"{max(gaps, default=0):.2f} s apart")
-                    result.notes.append(f"a byte every {TRICKLE_S:g} s against a "
-                                        f"{TIMEOUT_S:g} s deadline: attempts "
-                                        f"{min(gaps, default=0):.2f} to "
-                                        f"{max(gaps, default=0):.2f} s apart, each cut off at "
-                                        f"the deadline; error `{said}`")
-                if kind.startswith("e429"):
-                    gap = sim.shortest_gap([*bursts, *endless])
-                    floor = RETRY_AFTER_S if kind == "e429s" else RETRY_AFTER_S - 1
-                    result.check(gap is not None and gap >= floor - 0.05,
-                                 f"a retry came {gap:.2f} s after a Retry-After of "
-                                 f"{RETRY_AFTER_S} s")
-                    result.notes.append(f"Retry-After {RETRY_AFTER_S} s: shortest wait between "
-                                        f"attempts {gap:.2f} s"
-                                        + (" (an HTTP date has whole seconds)"
-                                           if kind == "e429d" else ""))
-                self.record(result, started, finished)
+SCENARIOS = Registry()
+@SCENARIOS.add("faults", "one run per fault kind the simulator injects: 5xx bursts, 429 with "
+               "Retry-After in seconds and as an HTTP date, connection resets, bodies "
+               "cut short, answers slower than the timeout, answers or bodies trickled "
+               "a byte at a time")
+def faults(ctx: Rel) -> Results:
+    """One run per fault kind, all kinds at once (separate simulators and databases)."""
+    n = ctx.args.ids // 25
+    runs, done = [], []
+    with contextlib.ExitStack() as stack:
+        for kind in FAULT_KINDS:
+            started = time.monotonic()
+            sim = stack.enter_context(TimedSimulator(
+                slow_s=1.5, retry_after_s=RETRY_AFTER_S, trickle_s=TRICKLE_S,
+                seed=ctx.args.seed))
+            db = stack.enter_context(ctx.database(f"faults_{kind}"))
+            bursts = [f"{kind}-{b}-b{j}" for b in range(1, MAX_ATTEMPTS) for j in range(3)]
+            endless = [f"{kind}-{MAX_ATTEMPTS}-z{j}" for j in range(3)]
+            ids = [*(f"fault{kind}-{i:05d}" for i in range(n)), *bursts, *endless]
+            random.Random(ctx.args.seed).shuffle(ids)
+            config = ctx.config(f"faults-{kind}", timeout_s=TIMEOUT_S)
+            proc = ctx.start(sim, db, config, ctx.write_ids(f"faults-{kind}", ids))
+            runs.append((kind, sim, db, ids, bursts, endless, proc, started))
+        # The runs go at once: collect each as it ends, so each row gets its own time.
+        with ThreadPoolExecutor(len(runs)) as pool:
+            ended = list(pool.map(_ended, [run[6] for run in runs]))
+        for (kind, sim, db, ids, bursts, endless, proc, started), (stderr, finished) in zip(
+                runs, ended, strict=True):
+            injected = sum(min(int(i.split("-")[1]), sim.requests_for(i))
+                           for i in (*bursts, *endless))
+            result = Result(f"fault: {kind}", FAULT_KINDS[kind], injected)
+            ctx.judge(result, db, ids, ctx.args.seed, failing=endless)
+            result.check(proc.returncode == 1, f"exit {proc.returncode}, expected 1")
+            result.check("Traceback" not in stderr, "a traceback on stderr")
+            over = [i for i in endless if sim.requests_for(i) != MAX_ATTEMPTS]
+            result.check(not over, f"attempt limit not kept for {over}")
+            result.notes.append(f"bursts of 1 to {MAX_ATTEMPTS - 1} faults loaded; "
+                                f"{len(endless)} ids faulting {MAX_ATTEMPTS} times failed "
+                                f"after exactly {MAX_ATTEMPTS} attempts; exit 1")
+            if kind.startswith("trickle"):
+                # No per-read timeout catches a byte every 0.2 s: only the deadline of
+                # the whole exchange does, and the id fails as a timeout.
+                said = (f"timed out: no complete answer within {TIMEOUT_S:g}s (gave up "
+                        f"after {MAX_ATTEMPTS} attempts)")
+                with Watcher(db) as watcher:
+                    errors = watcher.errors(endless)
+                wrong = {i: e for i, e in errors.items() if e != said}
+                result.check(not wrong and len(errors) == len(endless),
+                             f"errors of the always-trickling ids: {wrong or errors}")
+                # A whole answer takes minutes at that pace: attempts that follow each
+                # other within seconds were cut off at the deadline.
+                gaps = [gap for i in (*bursts, *endless) for gap in sim.gaps(i)]
+                result.check(bool(gaps) and min(gaps) >= TIMEOUT_S - 0.05
+                             and max(gaps) < 10 * TIMEOUT_S,
+                             f"attempts {min(gaps, default=0):.2f} to "
+                             f"{max(gaps, default=0):.2f} s apart")
+                result.notes.append(f"a byte every {TRICKLE_S:g} s against a "
+                                    f"{TIMEOUT_S:g} s deadline: attempts "
+                                    f"{min(gaps, default=0):.2f} to "
+                                    f"{max(gaps, default=0):.2f} s apart, each cut off at "
+                                    f"the deadline; error `{said}`")
+            if kind.startswith("e429"):
+                gap = sim.shortest_gap([*bursts, *endless])
+                floor = RETRY_AFTER_S if kind == "e429s" else RETRY_AFTER_S - 1
+                result.check(gap is not None and gap >= floor - 0.05,
+                             f"a retry came {gap:.2f} s after a Retry-After of "
+                             f"{RETRY_AFTER_S} s")
+                result.notes.append(f"Retry-After {RETRY_AFTER_S} s: shortest wait between "
+                                    f"attempts {gap:.2f} s"
+                                    + (" (an HTTP date has whole seconds)"
+                                       if kind == "e429d" else ""))
+            done.append(ctx.record(result, started, finished))
+    return Results(records=done)
 
-    def bad_answers(self) -> None:
-        started = time.monotonic()
-        bad = [f"{prefix}-{j}" for prefix in BAD_ANSWERS for j in range(5)]
-        ids = [*(f"bad-{i:05d}" for i in range(self.args.ids // 10)), *bad]
-        random.Random(self.args.seed).shuffle(ids)
-        with Simulator(seed=self.args.seed) as sim, self.database("bad_answers") as db:
-            code, _, stderr = self.run(sim, db, self.config("bad", batch_size=20),
-                                       self.ids_file("bad", ids))
-            result = Result("bad answers", "404, persistent 500, not JSON, wrong or no callId, "
-                            "array body, bad talkTime, int beyond int32",
-                            sum(sim.requests_for(i) for i in bad))
-            self.judge(result, db, ids, self.args.seed)
-        result.check(code == 1, f"exit {code}, expected 1")
-        result.check("Traceback" not in stderr, "a traceback on stderr")
-        result.notes.append("each bad record failed alone with its reason, its batch loaded; "
-                            "exit 1")
-        self.record(result, started)
 
-    def hostile_bodies(self) -> None:
-        """Bodies that would take the memory or the terminal, among ordinary ids; the peak
-        RSS of the run against the same ordinary ids alone, and with one kind at a time."""
-        started = time.monotonic()
-        seed = self.args.seed
-        ordinary = [f"hostile-{i:05d}" for i in range(self.args.ids // 5)]
-        hostile = {kind: [f"{kind}-{j}" for j in range(HOSTILE_EACH)] for kind in HOSTILE_KINDS}
-        peaks: dict[str, float] = {}
-        codes: dict[str, int] = {}
-        # What the ordinary ids cost alone, and with only the bombs or the endless bodies:
-        # separate processes, so each peak belongs to one kind.
-        for label, extra in (("ordinary ids alone", []), ("bombs", hostile["bomb"]),
-                             ("endless bodies", hostile["endless"])):
-            ids = [*ordinary, *extra]
-            random.Random(seed).shuffle(ids)
-            name = label.split()[0]
-            with Simulator(seed=seed) as sim, self.database(f"hostile_{name}") as db:
-                codes[label], _, _, peaks[label] = self.run_measured(
-                    sim, db, self.config(f"hostile-{name}"), self.ids_file(f"hostile-{name}",
-                                                                           ids))
-        ids = [*ordinary, *(i for kind_ids in hostile.values() for i in kind_ids)]
+@SCENARIOS.add("bad-answers", "404s, a persistently broken id, bodies that are not a call")
+def bad_answers(ctx: Rel) -> Results:
+    started = time.monotonic()
+    bad = [f"{prefix}-{j}" for prefix in BAD_ANSWERS for j in range(5)]
+    ids = [*(f"bad-{i:05d}" for i in range(ctx.args.ids // 10)), *bad]
+    random.Random(ctx.args.seed).shuffle(ids)
+    with Simulator(seed=ctx.args.seed) as sim, ctx.database("bad_answers") as db:
+        code, _, stderr = ctx.run(sim, db, ctx.config("bad", batch_size=20),
+                                   ctx.write_ids("bad", ids))
+        result = Result("bad answers", "404, persistent 500, not JSON, wrong or no callId, "
+                        "array body, bad talkTime, int beyond int32",
+                        sum(sim.requests_for(i) for i in bad))
+        ctx.judge(result, db, ids, ctx.args.seed)
+    result.check(code == 1, f"exit {code}, expected 1")
+    result.check("Traceback" not in stderr, "a traceback on stderr")
+    result.notes.append("each bad record failed alone with its reason, its batch loaded; "
+                        "exit 1")
+    return Results(records=[ctx.record(result, started)])
+
+
+@SCENARIOS.add("hostile-bodies", "gzip bombs, huge and endless bodies, terminal escape "
+               "sequences; the peak RSS of the run")
+def hostile_bodies(ctx: Rel) -> Results:
+    """Bodies that would take the memory or the terminal, among ordinary ids; the peak
+    RSS of the run against the same ordinary ids alone, and with one kind at a time."""
+    started = time.monotonic()
+    seed = ctx.args.seed
+    ordinary = [f"hostile-{i:05d}" for i in range(ctx.args.ids // 5)]
+    hostile = {kind: [f"{kind}-{j}" for j in range(HOSTILE_EACH)] for kind in HOSTILE_KINDS}
+    peaks: dict[str, float] = {}
+    codes: dict[str, int] = {}
+    # What the ordinary ids cost alone, and with only the bombs or the endless bodies:
+    # separate processes, so each peak belongs to one kind.
+    for label, extra in (("ordinary ids alone", []), ("bombs", hostile["bomb"]),
+                         ("endless bodies", hostile["endless"])):
+        ids = [*ordinary, *extra]
         random.Random(seed).shuffle(ids)
-        with Simulator(seed=seed) as sim, self.database("hostile_bodies") as db, \
-                Watcher(db) as watcher:
-            code, stdout, stderr, peak = self.run_measured(
-                sim, db, self.config("hostile"), self.ids_file("hostile", ids))
-            served = {i: sim.requests_for(i) for kind_ids in hostile.values() for i in kind_ids}
-            errors = watcher.errors(list(served))
-            stored_errors = watcher.all_errors()
-            shown_code, shown, shown_err = self.etl(db, "failures")
-            result = Result("hostile bodies", "; ".join(what for what, _ in
-                                                        HOSTILE_KINDS.values()),
-                            sum(served.values()))
-            self.judge(result, db, ids, seed)
-        result.check(code == 1, f"exit {code}, expected 1")
-        result.check("Traceback" not in stderr, "a traceback on stderr")
-        again = sorted(i for i, n in served.items() if n != 1)
-        result.check(not again, f"hostile ids not requested exactly once: "
-                     f"{[(i, served[i]) for i in again]}")
-        for kind, kind_ids in hostile.items():
-            said = HOSTILE_KINDS[kind][1]
-            wrong = {i: errors.get(i) for i in kind_ids if errors.get(i) is None or not (
-                errors[i].startswith(said) if kind == "escape" else errors[i] == said)}
-            result.check(not wrong, f"{kind} errors: {wrong}")
-        raw = {where: _controls(text) for where, text in (
-            ("stdout", stdout), ("stderr", stderr), ("etl failures", shown + shown_err),
-            ("etl_call_status.error", "\n".join(stored_errors)))}
-        raw = {where: found for where, found in raw.items() if found}
-        result.check(not raw, f"raw control characters: {raw}")
-        result.check(ESCAPE_REASON not in "\n".join(stored_errors), "the raw reason was stored")
-        result.check(shown_code == 0 and all(i in shown for i in hostile["escape"]),
-                     f"etl failures exit {shown_code} or without the escape ids")
-        result.check(codes == {"ordinary ids alone": 0, "bombs": 1, "endless bodies": 1},
-                     f"exit codes of the runs by kind: {codes}")
-        result.check(peak < RSS_LIMIT_MB, f"peak RSS {peak:.0f} MB, limit {RSS_LIMIT_MB} MB")
-        reasons = {kind: said + ("…" if kind == "escape" else "")
-                   for kind, (_, said) in HOSTILE_KINDS.items()}
-        result.notes.append(
-            f"each of the {len(served)} hostile ids requested once and failed with its reason ("
-            + "; ".join(f"{kind}: `{said}`" for kind, said in reasons.items()) + "); no raw "
-            "control character in stdout, stderr, `etl failures` or the error column; exit 1")
-        result.notes.append(
-            f"peak RSS of `etl sync`: {peak:.0f} MB with every hostile kind (limit "
-            f"{RSS_LIMIT_MB} MB), " + ", ".join(f"{peaks[label]:.0f} MB with {label}"
-                                                 for label in peaks)
-            + f" ({len(ordinary)} ordinary ids each, concurrency 4)")
-        self.record(result, started)
+        name = label.split()[0]
+        with Simulator(seed=seed) as sim, ctx.database(f"hostile_{name}") as db:
+            codes[label], _, _, peaks[label] = ctx.run_measured(
+                sim, db, ctx.config(f"hostile-{name}"), ctx.write_ids(f"hostile-{name}",
+                                                                       ids))
+    ids = [*ordinary, *(i for kind_ids in hostile.values() for i in kind_ids)]
+    random.Random(seed).shuffle(ids)
+    with Simulator(seed=seed) as sim, ctx.database("hostile_bodies") as db, \
+            Watcher(db) as watcher:
+        code, stdout, stderr, peak = ctx.run_measured(
+            sim, db, ctx.config("hostile"), ctx.write_ids("hostile", ids))
+        served = {i: sim.requests_for(i) for kind_ids in hostile.values() for i in kind_ids}
+        errors = watcher.errors(list(served))
+        stored_errors = watcher.all_errors()
+        shown_code, shown, shown_err = ctx.etl(db, "failures")
+        result = Result("hostile bodies", "; ".join(what for what, _ in
+                                                    HOSTILE_KINDS.values()),
+                        sum(served.values()))
+        ctx.judge(result, db, ids, seed)
+    result.check(code == 1, f"exit {code}, expected 1")
+    result.check("Traceback" not in stderr, "a traceback on stderr")
+    again = sorted(i for i, n in served.items() if n != 1)
+    result.check(not again, f"hostile ids not requested exactly once: "
+                 f"{[(i, served[i]) for i in again]}")
+    for kind, kind_ids in hostile.items():
+        said = HOSTILE_KINDS[kind][1]
+        wrong = {i: errors.get(i) for i in kind_ids if errors.get(i) is None or not (
+            errors[i].startswith(said) if kind == "escape" else errors[i] == said)}
+        result.check(not wrong, f"{kind} errors: {wrong}")
+    raw = {where: _controls(text) for where, text in (
+        ("stdout", stdout), ("stderr", stderr), ("etl failures", shown + shown_err),
+        ("etl_call_status.error", "\n".join(stored_errors)))}
+    raw = {where: found for where, found in raw.items() if found}
+    result.check(not raw, f"raw control characters: {raw}")
+    result.check(ESCAPE_REASON not in "\n".join(stored_errors), "the raw reason was stored")
+    result.check(shown_code == 0 and all(i in shown for i in hostile["escape"]),
+                 f"etl failures exit {shown_code} or without the escape ids")
+    result.check(codes == {"ordinary ids alone": 0, "bombs": 1, "endless bodies": 1},
+                 f"exit codes of the runs by kind: {codes}")
+    result.check(peak < RSS_LIMIT_MB, f"peak RSS {peak:.0f} MB, limit {RSS_LIMIT_MB} MB")
+    reasons = {kind: said + ("…" if kind == "escape" else "")
+               for kind, (_, said) in HOSTILE_KINDS.items()}
+    result.notes.append(
+        f"each of the {len(served)} hostile ids requested once and failed with its reason ("
+        + "; ".join(f"{kind}: `{said}`" for kind, said in reasons.items()) + "); no raw "
+        "control character in stdout, stderr, `etl failures` or the error column; exit 1")
+    result.notes.append(
+        f"peak RSS of `etl sync`: {peak:.0f} MB with every hostile kind (limit "
+        f"{RSS_LIMIT_MB} MB), " + ", ".join(f"{peaks[label]:.0f} MB with {label}"
+                                             for label in peaks)
+        + f" ({len(ordinary)} ordinary ids each, concurrency 4)")
+    return Results(records=[ctx.record(result, started)])
 
-    def random_faults(self) -> None:
-        started = time.monotonic()
-        rate, seed, attempts = 0.3, self.args.seed, 10
-        ids = [f"rnd-{i:06d}" for i in range(self.args.ids * 2)]
-        # Ids whose first `attempts` requests all fault cannot load: the simulator's choice is
-        # a function of (seed, id, attempt), so they are known in advance.
-        failing = [i for i in ids if payload_for(i, seed) is not None
-                   and all(_fault(seed, i, a, rate) for a in range(attempts))]
-        with Simulator(fault_rate=rate, seed=seed, retry_after_s=0) as sim, \
-                self.database("random_faults") as db:
-            config = self.config("random", max_attempts=attempts, concurrency=8,
-                                 batch_size=100)
-            code, _, stderr = self.run(sim, db, config, self.ids_file("random", ids))
-            kinds: Counter[str] = Counter()
-            for i in ids:
-                if payload_for(i, seed) is not None:
-                    for a in range(sim.requests_for(i)):
-                        kinds[_fault(seed, i, a, rate) or "none"] += 1
-            kinds.pop("none", None)
-            result = Result("random faults", f"each request faulted with p = {rate}: "
-                            + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())),
-                            sum(kinds.values()))
-            self.judge(result, db, ids, seed, failing)
-        result.check(code == (1 if failing else 0), f"exit {code}")
-        result.check("Traceback" not in stderr, "a traceback on stderr")
-        result.notes.append(f"{attempts} attempts per id; {len(failing)} id(s) drew "
-                            f"{attempts} faults in a row and failed as expected; exit {code}")
-        self.record(result, started)
 
-    def dead_api(self) -> None:
-        """Every connection refused, with the default settings: the circuit breaker's window
-        (api.unreachable_after_s, 20 s) must stop the run long before the ids run out."""
-        started = time.monotonic()
-        ids = [f"dead-{i:05d}" for i in range(DEAD_API_IDS)]
-        with Simulator(refuse=True, seed=self.args.seed) as dead, \
-                self.database("dead_api") as db, Watcher(db) as watcher:
-            began = time.monotonic()
-            code, stdout, stderr = self.run(dead, db, self.default_config("dead"),
-                                            self.ids_file("dead", ids))
-            took = time.monotonic() - began
-            summary = _summary(stdout)
-            status = watcher.run_status(summary.get("run_id"))
-            result = Result("dead API", "every connection refused (the port bound, never "
-                            "listening), default api settings", 1)
-            # A run that reached nothing must leave nothing: judged against an empty warehouse.
-            tally(result, Warehouse(), stored_warehouse(normalize_database_url(db)),
-                  self.duplicated(db))
-            result.requested = len(ids)
-            requests, stored = dead.total_requests, watcher.committed()
-        line = _one_line(result, stderr)
-        result.check(code == 3, f"exit {code}, expected 3")
-        result.check(took < DEAD_API_LIMIT_S, f"stopped after {took:.0f} s, limit "
-                     f"{DEAD_API_LIMIT_S} s")
-        result.check(line.startswith(f"etl: error: cannot reach the API at {dead.url}: "
-                                     "connection refused (no answer for ")
-                     and "api.unreachable_after_s = 20)" in line, f"message: {line!r}")
-        result.check(stored == 0, f"{stored} status rows, expected none")
-        result.check(status == "failed", f"run status {status!r}, expected failed")
-        result.check(requests == 0, f"{requests} requests reached the simulator")
-        result.notes.append(f"{len(ids):,} ids; exit 3 {took:.1f} s after the start, one line "
-                            f"(`{line}`); no status row, run `failed`")
-        self.record(result, started)
+@SCENARIOS.add("random-faults", "every request fails with probability 0.3")
+def random_faults(ctx: Rel) -> Results:
+    started = time.monotonic()
+    rate, seed, attempts = 0.3, ctx.args.seed, 10
+    ids = [f"rnd-{i:06d}" for i in range(ctx.args.ids * 2)]
+    # Ids whose first `attempts` requests all fault cannot load: the simulator's choice is
+    # a function of (seed, id, attempt), so they are known in advance.
+    failing = [i for i in ids if payload_for(i, seed) is not None
+               and all(_fault(seed, i, a, rate) for a in range(attempts))]
+    with Simulator(fault_rate=rate, seed=seed, retry_after_s=0) as sim, \
+            ctx.database("random_faults") as db:
+        config = ctx.config("random", max_attempts=attempts, concurrency=8,
+                             batch_size=100)
+        code, _, stderr = ctx.run(sim, db, config, ctx.write_ids("random", ids))
+        kinds: Counter[str] = Counter()
+        for i in ids:
+            if payload_for(i, seed) is not None:
+                for a in range(sim.requests_for(i)):
+                    kinds[_fault(seed, i, a, rate) or "none"] += 1
+        kinds.pop("none", None)
+        result = Result("random faults", f"each request faulted with p = {rate}: "
+                        + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())),
+                        sum(kinds.values()))
+        ctx.judge(result, db, ids, seed, failing)
+    result.check(code == (1 if failing else 0), f"exit {code}")
+    result.check("Traceback" not in stderr, "a traceback on stderr")
+    result.notes.append(f"{attempts} attempts per id; {len(failing)} id(s) drew "
+                        f"{attempts} faults in a row and failed as expected; exit {code}")
+    return Results(records=[ctx.record(result, started)])
 
-    def api_dies(self) -> None:
-        """The API starts refusing every connection once some batches are committed; the run
-        stops (a 2 s breaker window), and --skip-loaded against a new simulator finishes."""
-        started = time.monotonic()
-        seed = self.args.seed
-        ids = [*(f"dies-{i:05d}" for i in range(self.args.ids)), "nf-dies", "poison-dies"]
-        want = expected_warehouse(ids, seed)
-        config, path = self.config("dies", batch_size=20, unreachable_after_s=2), \
-            self.ids_file("dies", ids)
-        with self.database("api_dies") as db, Watcher(db) as watcher:
-            with Simulator(latency_ms=5, seed=seed) as sim:
-                proc = self.start(sim, db, config, path)
-                wait_for(lambda: watcher.committed() >= 100 or proc.poll() is not None)
-                sim.refuse_connections()
-                died = time.monotonic()
-                before = watcher.statuses()
-                stdout, stderr = proc.communicate(timeout=600)
-                stopped_s = time.monotonic() - died
-                after = watcher.statuses()
-            with Simulator(latency_ms=5, seed=seed) as again:
-                code, _, rerun_err = self.run(again, db, config, path, "--skip-loaded")
-            result = Result("API dies mid-run", "every connection refused from the moment "
-                            f"{len(before)} ids were committed (`refuse_connections()`), then "
-                            "--skip-loaded against a new simulator", 1)
-            self.judge(result, db, ids, seed)
-        line = _one_line(result, stderr)
-        changed = sorted(i for i, held in before.items() if after.get(i) != held)
-        wrong = sorted(i for i, (status, _) in after.items() if status != want.statuses[i])
-        result.check(proc.returncode == 3, f"exit {proc.returncode}, expected 3")
-        result.check(line.startswith(f"etl: error: cannot reach the API at {sim.url}: ")
-                     and "api.unreachable_after_s = 2)" in line, f"message: {line!r}")
-        result.check(len(before) < len(ids), "the run had ended before the API died")
-        result.check(not changed, f"committed ids changed or gone (first 5): {changed[:5]}")
-        result.check(not wrong, f"ids stored with a status not theirs (first 5): {wrong[:5]}")
-        result.check(code == 1, f"rerun exit {code}, expected 1 (poison-dies)")
-        result.check("Traceback" not in stderr + rerun_err, "a traceback on stderr")
-        result.notes.append(
-            f"the run stopped {stopped_s:.1f} s after the API died, exit 3, one line "
-            f"(`{line}`); the {len(before)} ids committed before stayed as they were, "
-            f"{len(after) - len(before)} more were committed from what was fetched, none "
-            "recorded failed for want of an answer; the rerun with --skip-loaded against a "
-            "new simulator (same seed) completed the work, exit 1 (poison-dies)")
-        self.record(result, started)
 
-    def wrong_base_url(self) -> None:
-        """After a good load: the base URL with /v1 (refused before any request), then with
-        /api (the simulator answers 404 for every id). Neither may touch a status."""
-        started = time.monotonic()
-        seed = self.args.seed
-        ids = [f"base-{i:05d}" for i in range(self.args.ids // 5)]
-        with Simulator(seed=seed) as sim, self.database("wrong_base_url") as db, \
-                Watcher(db) as watcher:
-            config, path = self.config("base"), self.ids_file("base", ids)
-            first, _, _ = self.run(sim, db, config, path)
-            before, served = watcher.statuses(), sim.total_requests
-            v1, _, v1_err = self.run(sim, db, config, path, "--base-url", sim.url + "/v1")
-            v1_requests, served = sim.total_requests - served, sim.total_requests
-            api, _, api_err = self.run(sim, db, config, path, "--base-url", sim.url + "/api")
-            api_requests = sim.total_requests - served
+@SCENARIOS.add("dead-api", "every connection refused, default settings, until the run stops with "
+               "exit 3")
+def dead_api(ctx: Rel) -> Results:
+    """Every connection refused, with the default settings: the circuit breaker's window
+    (api.unreachable_after_s, 20 s) must stop the run long before the ids run out."""
+    started = time.monotonic()
+    ids = [f"dead-{i:05d}" for i in range(DEAD_API_IDS)]
+    with Simulator(refuse=True, seed=ctx.args.seed) as dead, \
+            ctx.database("dead_api") as db, Watcher(db) as watcher:
+        began = time.monotonic()
+        code, stdout, stderr = ctx.run(dead, db, ctx.default_config("dead"),
+                                        ctx.write_ids("dead", ids))
+        took = time.monotonic() - began
+        summary = summary_json(stdout)
+        status = watcher.run_status(summary.get("run_id"))
+        result = Result("dead API", "every connection refused (the port bound, never "
+                        "listening), default api settings", 1)
+        # A run that reached nothing must leave nothing: judged against an empty warehouse.
+        tally(result, Warehouse(), stored_warehouse(db), duplicated_rows(db))
+        result.requested = len(ids)
+        requests, stored = dead.total_requests, watcher.committed()
+    line = _one_line(result, stderr)
+    result.check(code == 3, f"exit {code}, expected 3")
+    result.check(took < DEAD_API_LIMIT_S, f"stopped after {took:.0f} s, limit "
+                 f"{DEAD_API_LIMIT_S} s")
+    result.check(line.startswith(f"etl: error: cannot reach the API at {dead.url}: "
+                                 "connection refused (no answer for ")
+                 and "api.unreachable_after_s = 20)" in line, f"message: {line!r}")
+    result.check(stored == 0, f"{stored} status rows, expected none")
+    result.check(status == "failed", f"run status {status!r}, expected failed")
+    result.check(requests == 0, f"{requests} requests reached the simulator")
+    result.notes.append(f"{len(ids):,} ids; exit 3 {took:.1f} s after the start, one line "
+                        f"(`{line}`); no status row, run `failed`")
+    return Results(records=[ctx.record(result, started)])
+
+
+@SCENARIOS.add("api-dies", "the API starts refusing in the middle of a run, then a rerun against a "
+               "new one")
+def api_dies(ctx: Rel) -> Results:
+    """The API starts refusing every connection once some batches are committed; the run
+    stops (a 2 s breaker window), and --skip-loaded against a new simulator finishes."""
+    started = time.monotonic()
+    seed = ctx.args.seed
+    ids = [*(f"dies-{i:05d}" for i in range(ctx.args.ids)), "nf-dies", "poison-dies"]
+    want = expected_warehouse(ids, seed)
+    config, path = ctx.config("dies", batch_size=20, unreachable_after_s=2), \
+        ctx.write_ids("dies", ids)
+    with ctx.database("api_dies") as db, Watcher(db) as watcher:
+        with Simulator(latency_ms=5, seed=seed) as sim:
+            proc = ctx.start(sim, db, config, path)
+            wait_for(lambda: watcher.committed() >= 100 or proc.poll() is not None)
+            sim.refuse_connections()
+            died = time.monotonic()
+            before = watcher.statuses()
+            stdout, stderr = finish(proc)
+            stopped_s = time.monotonic() - died
             after = watcher.statuses()
-            result = Result("wrong base URL", "the base URL + /v1, then + /api (404 for every "
-                            "id) after a good load", 2)
-            self.judge(result, db, ids, seed)
-        v1_line, api_line = _one_line(result, v1_err), _one_line(result, api_err)
-        result.check(first == 0, f"first load exit {first}, expected 0")
-        result.check(v1 == 2, f"/v1 exit {v1}, expected 2")
-        result.check(v1_requests == 0, f"{v1_requests} requests with /v1, expected none")
-        result.check("must not include /v1" in v1_line, f"/v1 message: {v1_line!r}")
-        result.check(api == 2, f"/api exit {api}, expected 2")
-        result.check(api_line.startswith("etl: error: every id answered so far was 404 Not "
-                                         "Found"), f"/api message: {api_line!r}")
-        changed = sorted(i for i in before.keys() | after.keys()
-                         if after.get(i, ("-",))[0] != before.get(i, ("-",))[0])
-        result.check(not changed, f"{len(changed)} statuses changed (first 5): {changed[:5]}")
-        # 404s for ids already stored as not_found are expected and recorded again (same
-        # status, the stopped run's run_id); any other rewrite would be a change.
-        rewritten = sorted(i for i in before if after.get(i) != before[i])
-        others = [i for i in rewritten if before[i][0] != "not_found"]
-        result.check(not others, f"rows rewritten by a wrong base URL (first 5): {others[:5]}")
-        result.notes.append(
-            f"/v1: exit 2 before any request (`{v1_line}`); /api: exit 2 after "
-            f"{api_requests} requests answered 404 (`{api_line}`); every status stayed as the "
-            f"first load left it ({len(rewritten)} ids already `not_found` were recorded "
-            "`not_found` again by the /api run, as a rerun would; no other row was written)")
-        self.record(result, started)
+        with Simulator(latency_ms=5, seed=seed) as again:
+            code, _, rerun_err = ctx.run(again, db, config, path, "--skip-loaded")
+        result = Result("API dies mid-run", "every connection refused from the moment "
+                        f"{len(before)} ids were committed (`refuse_connections()`), then "
+                        "--skip-loaded against a new simulator", 1)
+        ctx.judge(result, db, ids, seed)
+    line = _one_line(result, stderr)
+    changed = sorted(i for i, held in before.items() if after.get(i) != held)
+    wrong = sorted(i for i, (status, _) in after.items() if status != want.statuses[i])
+    result.check(proc.returncode == 3, f"exit {proc.returncode}, expected 3")
+    result.check(line.startswith(f"etl: error: cannot reach the API at {sim.url}: ")
+                 and "api.unreachable_after_s = 2)" in line, f"message: {line!r}")
+    result.check(len(before) < len(ids), "the run had ended before the API died")
+    result.check(not changed, f"committed ids changed or gone (first 5): {changed[:5]}")
+    result.check(not wrong, f"ids stored with a status not theirs (first 5): {wrong[:5]}")
+    result.check(code == 1, f"rerun exit {code}, expected 1 (poison-dies)")
+    result.check("Traceback" not in stderr + rerun_err, "a traceback on stderr")
+    result.notes.append(
+        f"the run stopped {stopped_s:.1f} s after the API died, exit 3, one line "
+        f"(`{line}`); the {len(before)} ids committed before stayed as they were, "
+        f"{len(after) - len(before)} more were committed from what was fetched, none "
+        "recorded failed for want of an answer; the rerun with --skip-loaded against a "
+        "new simulator (same seed) completed the work, exit 1 (poison-dies)")
+    return Results(records=[ctx.record(result, started)])
 
-    def kills(self) -> None:
-        """SIGKILL at seeded random moments, run after run on one database, then one run to
-        the end. Every other run is `--skip-loaded`."""
-        started = time.monotonic()
-        rng = random.Random(self.args.seed)
-        ids = [*(f"kill-{i:05d}" for i in range(self.args.ids)), "nf-kill", "poison-kill"]
-        moments: Counter[str] = Counter()
-        # 20 ms per answer and 2 at a time: a whole run takes ids / 100 seconds, longer than
-        # the 0.2 to 1.6 s a killed run lives, so each kill hits a running sync.
-        with Simulator(latency_ms=20, seed=self.args.seed) as sim, \
-                self.database("kills") as db, Watcher(db) as watcher:
-            config = self.config("kills", batch_size=20, concurrency=2)
-            path = self.ids_file("kills", ids)
-            landed, torn = 0, 0
-            for k in range(self.args.kills):
-                proc = self.start(sim, db, config, path, *(["--skip-loaded"] if k % 2 else []))
-                time.sleep(rng.uniform(0.2, 1.6))
-                if proc.poll() is not None:
-                    proc.communicate()
-                    log(f"kill {k}: the run had already ended")
-                    continue
-                moments[watcher.moment()] += 1
-                proc.send_signal(signal.SIGKILL)
+
+@SCENARIOS.add("wrong-base-url", "the base URL with /v1 or /api after a good load")
+def wrong_base_url(ctx: Rel) -> Results:
+    """After a good load: the base URL with /v1 (refused before any request), then with
+    /api (the simulator answers 404 for every id). Neither may touch a status."""
+    started = time.monotonic()
+    seed = ctx.args.seed
+    ids = [f"base-{i:05d}" for i in range(ctx.args.ids // 5)]
+    with Simulator(seed=seed) as sim, ctx.database("wrong_base_url") as db, \
+            Watcher(db) as watcher:
+        config, path = ctx.config("base"), ctx.write_ids("base", ids)
+        first, _, _ = ctx.run(sim, db, config, path)
+        before, served = watcher.statuses(), sim.total_requests
+        v1, _, v1_err = ctx.run(sim, db, config, path, "--base-url", sim.url + "/v1")
+        v1_requests, served = sim.total_requests - served, sim.total_requests
+        api, _, api_err = ctx.run(sim, db, config, path, "--base-url", sim.url + "/api")
+        api_requests = sim.total_requests - served
+        after = watcher.statuses()
+        result = Result("wrong base URL", "the base URL + /v1, then + /api (404 for every "
+                        "id) after a good load", 2)
+        ctx.judge(result, db, ids, seed)
+    v1_line, api_line = _one_line(result, v1_err), _one_line(result, api_err)
+    result.check(first == 0, f"first load exit {first}, expected 0")
+    result.check(v1 == 2, f"/v1 exit {v1}, expected 2")
+    result.check(v1_requests == 0, f"{v1_requests} requests with /v1, expected none")
+    result.check("must not include /v1" in v1_line, f"/v1 message: {v1_line!r}")
+    result.check(api == 2, f"/api exit {api}, expected 2")
+    result.check(api_line.startswith("etl: error: every id answered so far was 404 Not "
+                                     "Found"), f"/api message: {api_line!r}")
+    changed = sorted(i for i in before.keys() | after.keys()
+                     if after.get(i, ("-",))[0] != before.get(i, ("-",))[0])
+    result.check(not changed, f"{len(changed)} statuses changed (first 5): {changed[:5]}")
+    # 404s for ids already stored as not_found are expected and recorded again (same
+    # status, the stopped run's run_id); any other rewrite would be a change.
+    rewritten = sorted(i for i in before if after.get(i) != before[i])
+    others = [i for i in rewritten if before[i][0] != "not_found"]
+    result.check(not others, f"rows rewritten by a wrong base URL (first 5): {others[:5]}")
+    result.notes.append(
+        f"/v1: exit 2 before any request (`{v1_line}`); /api: exit 2 after "
+        f"{api_requests} requests answered 404 (`{api_line}`); every status stayed as the "
+        f"first load left it ({len(rewritten)} ids already `not_found` were recorded "
+        "`not_found` again by the /api run, as a rerun would; no other row was written)")
+    return Results(records=[ctx.record(result, started)])
+
+
+@SCENARIOS.add("kills", "SIGKILL at seeded random moments, run after run on one database")
+def kills(ctx: Rel) -> Results:
+    """SIGKILL at seeded random moments, run after run on one database, then one run to
+    the end. Every other run is `--skip-loaded`."""
+    started = time.monotonic()
+    rng = random.Random(ctx.args.seed)
+    ids = [*(f"kill-{i:05d}" for i in range(ctx.args.ids)), "nf-kill", "poison-kill"]
+    moments: Counter[str] = Counter()
+    # 20 ms per answer and 2 at a time: a whole run takes ids / 100 seconds, longer than
+    # the 0.2 to 1.6 s a killed run lives, so each kill hits a running sync.
+    with Simulator(latency_ms=20, seed=ctx.args.seed) as sim, \
+            ctx.database("kills") as db, Watcher(db) as watcher:
+        config = ctx.config("kills", batch_size=20, concurrency=2)
+        path = ctx.write_ids("kills", ids)
+        landed, torn = 0, 0
+        for k in range(ctx.args.kills):
+            proc = ctx.start(sim, db, config, path, *(["--skip-loaded"] if k % 2 else []))
+            time.sleep(rng.uniform(0.2, 1.6))
+            if proc.poll() is not None:
                 proc.communicate()
-                landed += 1
-                torn += not watcher.batches_whole()
-            code, _, stderr = self.run(sim, db, config, path, "--skip-loaded")
-            result = Result("SIGKILL at random moments",
-                            "kill -9 of `etl sync`, then the next run (every other one "
-                            "--skip-loaded)", landed)
-            self.judge(result, db, ids, self.args.seed)
-        result.check(landed == self.args.kills, f"only {landed} kills hit a running sync")
-        result.check(torn == 0, f"{torn} kills left a call without its status or the reverse")
-        result.check(code == 1, f"final run exit {code}, expected 1 (poison-kill)")
-        result.notes.append("kills landed " + ", ".join(f"{n} {m}" for m, n in moments.items())
-                            + "; after each, every call row had its `loaded` status and no "
-                            "status lacked its row; the final run completed the work")
-        self.record(result, started)
+                log(f"kill {k}: the run had already ended")
+                continue
+            moments[watcher.moment()] += 1
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate()
+            landed += 1
+            torn += not watcher.batches_whole()
+        code, _, stderr = ctx.run(sim, db, config, path, "--skip-loaded")
+        result = Result("SIGKILL at random moments",
+                        "kill -9 of `etl sync`, then the next run (every other one "
+                        "--skip-loaded)", landed)
+        ctx.judge(result, db, ids, ctx.args.seed)
+    result.check(landed == ctx.args.kills, f"only {landed} kills hit a running sync")
+    result.check(torn == 0, f"{torn} kills left a call without its status or the reverse")
+    result.check(code == 1, f"final run exit {code}, expected 1 (poison-kill)")
+    result.notes.append("kills landed " + ", ".join(f"{n} {m}" for m, n in moments.items())
+                        + "; after each, every call row had its `loaded` status and no "
+                        "status lacked its row; the final run completed the work")
+    return Results(records=[ctx.record(result, started)])
 
-    def kills_in_batch(self) -> None:
-        started = time.monotonic()
-        ids = [*(f"kib-{i:05d}" for i in range(self.args.ids)), "nf-kib"]
-        with Simulator(latency_ms=5, seed=self.args.seed) as sim, \
-                self.database("kills_in_batch") as db, Watcher(db) as watcher:
-            config, path = self.config("kib", batch_size=20), self.ids_file("kib", ids)
-            landed, leaked = 0, 0
-            for _ in range(self.args.batch_kills):
-                outcome = self._kill_inside_a_batch(sim, db, config, path, watcher)
-                if outcome is None:
-                    break
-                landed += 1
-                leaked += outcome
-            code, _, _ = self.run(sim, db, config, path, "--skip-loaded")
-            result = Result("SIGKILL inside a batch transaction",
-                            "kill -9 while a batch had written customers and operators and "
-                            "waited at calls (a lock held by this script)", landed)
-            self.judge(result, db, ids, self.args.seed)
-        result.check(landed == self.args.batch_kills, f"only {landed} kills inside a batch")
-        result.check(leaked == 0, f"{leaked} killed batches left rows behind")
-        result.check(code == 0, f"final run exit {code}, expected 0")
-        result.notes.append("nothing of a killed batch stayed; the next run completed the work")
-        self.record(result, started)
 
-    def _kill_inside_a_batch(self, sim: Simulator, db: str, config: Path, path: Path,
-                             watcher: Watcher) -> bool | None:
-        """Start a sync, kill it inside its next batch; whether the batch left rows behind
-        (None: the run ended before it could be killed)."""
-        proc = self.start(sim, db, config, path, "--skip-loaded")
-        done = watcher.committed()
-        wait_for(lambda: watcher.committed() > done or proc.poll() is not None)
-        killed = False
-        with watcher.calls_locked():
-            before = watcher.committed()
-            wait_for(lambda: watcher.blocked_writers() or proc.poll() is not None)
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                killed = True
-        proc.communicate()
-        if not killed:
-            return None
-        wait_for(lambda: not watcher.sessions())
-        return watcher.committed() != before or not watcher.batches_whole()
+@SCENARIOS.add("kills-in-batch", "SIGKILL while a batch transaction is open, made certain "
+               "by holding a lock the batch needs")
+def kills_in_batch(ctx: Rel) -> Results:
+    started = time.monotonic()
+    ids = [*(f"kib-{i:05d}" for i in range(ctx.args.ids)), "nf-kib"]
+    with Simulator(latency_ms=5, seed=ctx.args.seed) as sim, \
+            ctx.database("kills_in_batch") as db, Watcher(db) as watcher:
+        config, path = ctx.config("kib", batch_size=20), ctx.write_ids("kib", ids)
+        landed, leaked = 0, 0
+        for _ in range(ctx.args.batch_kills):
+            outcome = _kill_inside_a_batch(ctx, sim, db, config, path, watcher)
+            if outcome is None:
+                break
+            landed += 1
+            leaked += outcome
+        code, _, _ = ctx.run(sim, db, config, path, "--skip-loaded")
+        result = Result("SIGKILL inside a batch transaction",
+                        "kill -9 while a batch had written customers and operators and "
+                        "waited at calls (a lock held by this script)", landed)
+        ctx.judge(result, db, ids, ctx.args.seed)
+    result.check(landed == ctx.args.batch_kills, f"only {landed} kills inside a batch")
+    result.check(leaked == 0, f"{leaked} killed batches left rows behind")
+    result.check(code == 0, f"final run exit {code}, expected 0")
+    result.notes.append("nothing of a killed batch stayed; the next run completed the work")
+    return Results(records=[ctx.record(result, started)])
 
-    def signals(self) -> None:
-        for sig in SIGNALS:
-            self._signal(sig)
 
-    def _signal(self, sig: signal.Signals) -> None:
-        """A signal while every worker waits on an answer trickled a byte a second (with a
-        300 s timeout); then --skip-loaded with a short timeout, where the trickles fail."""
-        started = time.monotonic()
-        seed, name = self.args.seed, sig.name
-        wanted, said = SIGNALS[sig]
-        ordinary = [f"{name.lower()}-{i:05d}" for i in range(self.args.ids // 5)]
-        trickling = [f"trickle-99-{name.lower()}{j}" for j in range(8)]
-        ids = [*ordinary, *trickling]
-        random.Random(seed).shuffle(ids)
-        path = self.ids_file(f"sig-{name}", ids)
-        with Simulator(trickle_s=1, seed=seed) as sim, self.database(f"signal_{name}") as db, \
-                Watcher(db) as watcher:
-            proc = self.start(sim, db, self.config(f"sig-{name}", timeout_s=300), path)
-            # Four workers: once four trickling ids were asked for, every worker hangs.
-            wait_for(lambda: sum(sim.requests_for(i) > 0 for i in trickling) >= 4
-                     or proc.poll() is not None)
-            time.sleep(0.5)
-            hung = proc.poll() is None
-            sent = time.monotonic()
-            proc.send_signal(sig)
-            stdout, stderr = proc.communicate(timeout=600)
-            took = time.monotonic() - sent
-            fetched = [i for i in ordinary if sim.requests_for(i)]
-            stored = watcher.statuses()
-            status = watcher.run_status(_summary(stdout).get("run_id"))
-            rerun = self.config(f"sig-{name}-rerun", timeout_s=TIMEOUT_S)
-            code, _, rerun_err = self.run(sim, db, rerun, path, "--skip-loaded")
-            result = Result(f"{name} while requests hang",
-                            f"{name} to `etl sync` while its 4 workers waited on answers "
-                            "trickled a byte a second (timeout_s 300)", int(hung))
-            self.judge(result, db, ids, seed, failing=trickling)
-        line = stderr.strip().splitlines()[-1] if stderr.strip() else ""
-        missing = [i for i in fetched if i not in stored]
-        result.check(hung, "the run had ended before the signal")
-        result.check(proc.returncode == wanted, f"exit {proc.returncode}, expected {wanted}")
-        result.check(took < SIGNAL_LIMIT_S, f"stopped {took:.1f} s after the signal, limit "
-                     f"{SIGNAL_LIMIT_S} s")
-        result.check(line.startswith(said), f"last line {line!r}")
-        result.check(status == "interrupted", f"run status {status!r}, expected interrupted")
-        result.check(not missing, f"fetched but not committed (first 5): {missing[:5]}")
-        result.check(code == 1, f"rerun exit {code}, expected 1 (the trickling ids)")
-        result.check("Traceback" not in stderr + rerun_err, "a traceback on stderr")
-        result.notes.append(
-            f"exit {proc.returncode} {took:.2f} s after the signal, last line `{line}`; run "
-            f"`interrupted`; the {len(fetched)} ids fetched before were committed; the rerun "
-            f"with --skip-loaded and timeout_s {TIMEOUT_S:g} completed the work (exit 1: the "
-            f"trickling ids failed after {MAX_ATTEMPTS} attempts)")
-        self.record(result, started)
+def _kill_inside_a_batch(ctx: Rel, sim: Simulator, db: str, config: Path, path: Path,
+                         watcher: Watcher) -> bool | None:
+    """Start a sync, kill it inside its next batch; whether the batch left rows behind
+    (None: the run ended before it could be killed)."""
+    proc = ctx.start(sim, db, config, path, "--skip-loaded")
+    done = watcher.committed()
+    wait_for(lambda: watcher.committed() > done or proc.poll() is not None)
+    killed = False
+    with watcher.calls_locked():
+        before = watcher.committed()
+        wait_for(lambda: watcher.blocked_writers() or proc.poll() is not None)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+    proc.communicate()
+    if not killed:
+        return None
+    wait_for(lambda: not watcher.sessions())
+    return watcher.committed() != before or not watcher.batches_whole()
 
-    def terminated(self) -> None:
-        started = time.monotonic()
-        ids = [*(f"term-{i:05d}" for i in range(self.args.ids)), "nf-term", "poison-term"]
-        with Simulator(latency_ms=5, seed=self.args.seed) as sim, \
-                self.database("terminated") as db, Watcher(db) as watcher:
-            proc = self.start(sim, db, self.config("term", batch_size=20),
-                              self.ids_file("term", ids))
-            between, inside = 0, 0
-            for _ in range(self.args.terminations):
-                done = watcher.committed()
-                if not wait_for(lambda d=done: watcher.committed() > d or proc.poll() is not None):
-                    break
-                wait_for(lambda: watcher.idle_sessions() or proc.poll() is not None, 5)
-                between += sum(watcher.terminate(pid) for pid in watcher.idle_sessions())
-                with watcher.calls_locked():
-                    if wait_for(lambda: watcher.blocked_writers() or proc.poll() is not None):
-                        inside += sum(watcher.terminate(p) for p in watcher.blocked_writers())
-            stdout, stderr = proc.communicate(timeout=600)
-            summary = json.loads(stdout)
-            counted = watcher.run_counts(summary["run_id"])
-            result = Result("connections terminated",
-                            "pg_terminate_backend of etl's sessions: idle between batches "
-                            f"({between}) and inside a batch ({inside})", between + inside)
-            self.judge(result, db, ids, self.args.seed)
-        result.check(inside == self.args.terminations,
-                     f"only {inside} terminations inside a batch")
-        result.check(proc.returncode == 1, f"exit {proc.returncode}, expected 1 (poison-term)")
-        result.check(counted == (summary["loaded"], summary["not_found"], summary["failed"]),
-                     f"run counters {counted} differ from the summary")
-        result.notes.append(f"the run went on by itself ({stderr.count('retrying the batch')} "
-                            "batches written again) and its counters match its rows")
-        self.record(result, started)
 
-    def database_lost(self) -> None:
-        started = time.monotonic()
-        ids = [*(f"lost-{i:05d}" for i in range(self.args.ids)), "nf-lost"]
-        with Simulator(latency_ms=5, seed=self.args.seed) as sim, \
-                self.database("database_lost") as db, Watcher(db) as watcher:
-            config, path = self.config("lost", batch_size=20), self.ids_file("lost", ids)
-            proc = self.start(sim, db, config, path)
-            terminations = 0
-            wait_for(lambda: watcher.committed() > 0 or proc.poll() is not None)
+@SCENARIOS.add("signals", "SIGTERM and SIGINT while every request hangs, then a rerun")
+def signals(ctx: Rel) -> Results:
+    return Results(records=[_signal(ctx, sig) for sig in SIGNALS])
+
+
+def _signal(ctx: Rel, sig: signal.Signals) -> Result:
+    """A signal while every worker waits on an answer trickled a byte a second (with a
+    300 s timeout); then --skip-loaded with a short timeout, where the trickles fail."""
+    started = time.monotonic()
+    seed, name = ctx.args.seed, sig.name
+    wanted, said = SIGNALS[sig]
+    ordinary = [f"{name.lower()}-{i:05d}" for i in range(ctx.args.ids // 5)]
+    trickling = [f"trickle-99-{name.lower()}{j}" for j in range(8)]
+    ids = [*ordinary, *trickling]
+    random.Random(seed).shuffle(ids)
+    path = ctx.write_ids(f"sig-{name}", ids)
+    with Simulator(trickle_s=1, seed=seed) as sim, ctx.database(f"signal_{name}") as db, \
+            Watcher(db) as watcher:
+        proc = ctx.start(sim, db, ctx.config(f"sig-{name}", timeout_s=300), path)
+        # Four workers: once four trickling ids were asked for, every worker hangs.
+        wait_for(lambda: sum(sim.requests_for(i) > 0 for i in trickling) >= 4
+                 or proc.poll() is not None)
+        time.sleep(0.5)
+        hung = proc.poll() is None
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        stdout, stderr = finish(proc)
+        took = time.monotonic() - sent
+        fetched = [i for i in ordinary if sim.requests_for(i)]
+        stored = watcher.statuses()
+        status = watcher.run_status(summary_json(stdout).get("run_id"))
+        rerun = ctx.config(f"sig-{name}-rerun", timeout_s=TIMEOUT_S)
+        code, _, rerun_err = ctx.run(sim, db, rerun, path, "--skip-loaded")
+        result = Result(f"{name} while requests hang",
+                        f"{name} to `etl sync` while its 4 workers waited on answers "
+                        "trickled a byte a second (timeout_s 300)", int(hung))
+        ctx.judge(result, db, ids, seed, failing=trickling)
+    line = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    missing = [i for i in fetched if i not in stored]
+    result.check(hung, "the run had ended before the signal")
+    result.check(proc.returncode == wanted, f"exit {proc.returncode}, expected {wanted}")
+    result.check(took < SIGNAL_LIMIT_S, f"stopped {took:.1f} s after the signal, limit "
+                 f"{SIGNAL_LIMIT_S} s")
+    result.check(line.startswith(said), f"last line {line!r}")
+    result.check(status == "interrupted", f"run status {status!r}, expected interrupted")
+    result.check(not missing, f"fetched but not committed (first 5): {missing[:5]}")
+    result.check(code == 1, f"rerun exit {code}, expected 1 (the trickling ids)")
+    result.check("Traceback" not in stderr + rerun_err, "a traceback on stderr")
+    result.notes.append(
+        f"exit {proc.returncode} {took:.2f} s after the signal, last line `{line}`; run "
+        f"`interrupted`; the {len(fetched)} ids fetched before were committed; the rerun "
+        f"with --skip-loaded and timeout_s {TIMEOUT_S:g} completed the work (exit 1: the "
+        f"trickling ids failed after {MAX_ATTEMPTS} attempts)")
+    return ctx.record(result, started)
+
+
+@SCENARIOS.add("terminated", "pg_terminate_backend on the sync's sessions, between and inside "
+               "batches")
+def terminated(ctx: Rel) -> Results:
+    started = time.monotonic()
+    ids = [*(f"term-{i:05d}" for i in range(ctx.args.ids)), "nf-term", "poison-term"]
+    with Simulator(latency_ms=5, seed=ctx.args.seed) as sim, \
+            ctx.database("terminated") as db, Watcher(db) as watcher:
+        proc = ctx.start(sim, db, ctx.config("term", batch_size=20),
+                          ctx.write_ids("term", ids))
+        between, inside = 0, 0
+        for _ in range(ctx.args.terminations):
+            done = watcher.committed()
+            if not wait_for(lambda d=done: watcher.committed() > d or proc.poll() is not None):
+                break
+            wait_for(lambda: watcher.idle_sessions() or proc.poll() is not None, 5)
+            between += sum(watcher.terminate(pid) for pid in watcher.idle_sessions())
             with watcher.calls_locked():
-                deadline = time.monotonic() + 120
-                while proc.poll() is None and time.monotonic() < deadline:
-                    terminations += sum(watcher.terminate(p) for p in watcher.blocked_writers())
-                    time.sleep(0.01)
-            _, stderr = proc.communicate(timeout=60)
-            whole = watcher.batches_whole()
-            code, _, _ = self.run(sim, db, config, path, "--skip-loaded")
-            result = Result("database lost for good",
-                            "every attempt at a batch terminated until etl gave up",
-                            terminations)
-            self.judge(result, db, ids, self.args.seed)
-        line = next((x for x in stderr.splitlines() if x.startswith("etl: error:")), "")
-        result.check(proc.returncode == 3, f"exit {proc.returncode}, expected 3")
-        result.check("failed 4 times writing a batch" in line, f"message: {line!r}")
-        result.check(whole, "the stopped run left a call without its status or the reverse")
-        result.check(code == 0, f"rerun exit {code}, expected 0")
-        result.notes.append(f"the run stopped with exit 3 and one line (`{line}`); the rerun "
-                            "with --skip-loaded completed the work")
-        self.record(result, started)
-
-    def concurrent(self) -> None:
-        started = time.monotonic()
-        rng = random.Random(self.args.seed)
-        universe = [f"conc-{i:05d}" for i in range(self.args.ids)]
-        slices = []
-        for _ in range(self.args.processes):
-            ids = rng.sample(universe, k=int(0.6 * len(universe))) + ["nf-conc"]
-            slices.append(ids)
-        with Simulator(seed=self.args.seed) as sim, self.database("concurrent") as db:
-            procs = [self.start(sim, db, self.config(f"conc-{n}", concurrency=8),
-                                self.ids_file(f"conc-{n}", ids), "--batch-size",
-                                str((1, 2, 3, 5)[n % 4]))
-                     for n, ids in enumerate(slices)]
-            outs = [p.communicate(timeout=600) for p in procs]
-            requested = sorted({i for ids in slices for i in ids})
-            result = Result("concurrent syncs",
-                            f"{self.args.processes} `etl sync` at once on an empty database, "
-                            "overlapping shuffled ids, batches of 1 to 5", self.args.processes)
-            self.judge(result, db, requested, self.args.seed)
-        codes = [p.returncode for p in procs]
-        errors = sum(err.lower().count("deadlock") + err.count("retrying the batch")
-                     for _, err in outs)
-        result.check(codes == [0] * len(procs), f"exit codes {codes}")
-        result.check(errors == 0, f"{errors} deadlocks or retried batches")
-        result.notes.append("every process exit 0; no deadlock, no batch retried; the newest "
-                            "snapshot of every customer and operator won")
-        self.record(result, started)
+                if wait_for(lambda: watcher.blocked_writers() or proc.poll() is not None):
+                    inside += sum(watcher.terminate(p) for p in watcher.blocked_writers())
+        stdout, stderr = finish(proc)
+        summary = json.loads(stdout)
+        counted = watcher.run_counts(summary["run_id"])
+        result = Result("connections terminated",
+                        "pg_terminate_backend of etl's sessions: idle between batches "
+                        f"({between}) and inside a batch ({inside})", between + inside)
+        ctx.judge(result, db, ids, ctx.args.seed)
+    result.check(inside == ctx.args.terminations,
+                 f"only {inside} terminations inside a batch")
+    result.check(proc.returncode == 1, f"exit {proc.returncode}, expected 1 (poison-term)")
+    result.check(counted == (summary["loaded"], summary["not_found"], summary["failed"]),
+                 f"run counters {counted} differ from the summary")
+    result.notes.append(f"the run went on by itself ({stderr.count('retrying the batch')} "
+                        "batches written again) and its counters match its rows")
+    return Results(records=[ctx.record(result, started)])
 
 
-def _communicate(proc: subprocess.Popen[str]) -> tuple[str, float]:
+@SCENARIOS.add("database-lost", "every session terminated until the run stops with exit 3, then a "
+               "rerun")
+def database_lost(ctx: Rel) -> Results:
+    started = time.monotonic()
+    ids = [*(f"lost-{i:05d}" for i in range(ctx.args.ids)), "nf-lost"]
+    with Simulator(latency_ms=5, seed=ctx.args.seed) as sim, \
+            ctx.database("database_lost") as db, Watcher(db) as watcher:
+        config, path = ctx.config("lost", batch_size=20), ctx.write_ids("lost", ids)
+        proc = ctx.start(sim, db, config, path)
+        terminations = 0
+        wait_for(lambda: watcher.committed() > 0 or proc.poll() is not None)
+        with watcher.calls_locked():
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and time.monotonic() < deadline:
+                terminations += sum(watcher.terminate(p) for p in watcher.blocked_writers())
+                time.sleep(0.01)
+        _, stderr = finish(proc, 60)
+        whole = watcher.batches_whole()
+        code, _, _ = ctx.run(sim, db, config, path, "--skip-loaded")
+        result = Result("database lost for good",
+                        "every attempt at a batch terminated until etl gave up",
+                        terminations)
+        ctx.judge(result, db, ids, ctx.args.seed)
+    line = next((x for x in stderr.splitlines() if x.startswith("etl: error:")), "")
+    result.check(proc.returncode == 3, f"exit {proc.returncode}, expected 3")
+    result.check("failed 4 times writing a batch" in line, f"message: {line!r}")
+    result.check(whole, "the stopped run left a call without its status or the reverse")
+    result.check(code == 0, f"rerun exit {code}, expected 0")
+    result.notes.append(f"the run stopped with exit 3 and one line (`{line}`); the rerun "
+                        "with --skip-loaded completed the work")
+    return Results(records=[ctx.record(result, started)])
+
+
+@SCENARIOS.add("concurrent", "several `etl sync` processes at once on overlapping ids, on an empty "
+               "database")
+def concurrent(ctx: Rel) -> Results:
+    started = time.monotonic()
+    rng = random.Random(ctx.args.seed)
+    universe = [f"conc-{i:05d}" for i in range(ctx.args.ids)]
+    slices = []
+    for _ in range(ctx.args.processes):
+        ids = rng.sample(universe, k=int(0.6 * len(universe))) + ["nf-conc"]
+        slices.append(ids)
+    with Simulator(seed=ctx.args.seed) as sim, ctx.database("concurrent") as db:
+        procs = [ctx.start(sim, db, ctx.config(f"conc-{n}", concurrency=8),
+                            ctx.write_ids(f"conc-{n}", ids), "--batch-size",
+                            str((1, 2, 3, 5)[n % 4]))
+                 for n, ids in enumerate(slices)]
+        outs = [finish(p) for p in procs]
+        requested = sorted({i for ids in slices for i in ids})
+        result = Result("concurrent syncs",
+                        f"{ctx.args.processes} `etl sync` at once on an empty database, "
+                        "overlapping shuffled ids, batches of 1 to 5", ctx.args.processes)
+        ctx.judge(result, db, requested, ctx.args.seed)
+    codes = [p.returncode for p in procs]
+    errors = sum(err.lower().count("deadlock") + err.count("retrying the batch")
+                 for _, err in outs)
+    result.check(codes == [0] * len(procs), f"exit codes {codes}")
+    result.check(errors == 0, f"{errors} deadlocks or retried batches")
+    result.notes.append("every process exit 0; no deadlock, no batch retried; the newest "
+                        "snapshot of every customer and operator won")
+    return Results(records=[ctx.record(result, started)])
+
+
+
+# -- small helpers -----------------------------------------------------------------------------
+
+
+def _ended(proc: subprocess.Popen[str]) -> tuple[str, float]:
     """Wait for a process; its stderr and when it ended."""
-    _, stderr = proc.communicate(timeout=600)
+    _, stderr = finish(proc)
     return stderr, time.monotonic()
-
-
-def _summary(stdout: str) -> dict:
-    """The --json summary a sync printed (empty if it printed none)."""
-    try:
-        return json.loads(stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        return {}
 
 
 def _one_line(result: Result, stderr: str) -> str:
@@ -872,19 +830,17 @@ def _controls(text: str) -> list[str]:
     return sorted({repr(c) for c in text if c != "\n" and unicodedata.category(c) == "Cc"})
 
 
+
+
+# TODO(simulator): once etl.simulator has a public function for its random-fault draw, use it
+# here and drop this copy and the import of the private _RANDOM_FAULTS:
+#     def random_fault(seed: int, call_id: str, attempt: int, fault_rate: float) -> str | None
 def _fault(seed: int, call_id: str, attempt: int, rate: float) -> str | None:
     """The simulator's draw for an ordinary id's request (see etl/simulator.py)."""
+    from etl.simulator import _RANDOM_FAULTS
+
     rng = random.Random(f"{seed}:{call_id}:{attempt}")
     return rng.choice(_RANDOM_FAULTS) if rng.random() < rate else None
-
-
-def wait_for(condition: Callable[[], object], timeout_s: float = 60) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 class Watcher:
@@ -979,32 +935,21 @@ class Watcher:
 # -- the report --------------------------------------------------------------------------------
 
 
-def machine(pg_url: str) -> dict[str, str]:
-    info = facts(pg_url)
-    shown = normalize_database_url(pg_url).render_as_string(hide_password=True)
-    info["PostgreSQL"] += f" ({shown.replace('postgresql+psycopg', 'postgresql')})"
-    info["commubo-etl"] = f"{importlib.metadata.version('commubo-etl')}, {git_state()}"
-    return info
-
-def render(results: list[Result], info: dict[str, str], args: argparse.Namespace,
-           command: str, took_s: float) -> str:
-    lost = sum(r.lost for r in results)
-    duplicated = sum(r.duplicated for r in results)
-    stale = sum(r.stale for r in results)
-    problems = [f"{r.scenario}: {p}" for r in results for p in r.problems]
+def render(results: Results, info: dict[str, str], args: argparse.Namespace, command: str,
+           started: datetime, took_s: float, loads: tuple[float, float]) -> str:
+    rows: list[Result] = results.records
+    lost = sum(r.lost for r in rows)
+    duplicated = sum(r.duplicated for r in rows)
+    stale = sum(r.stale for r in rows)
+    problems = [f"{r.scenario}: {p}" for r in rows for p in r.problems]
     verdict = ("**Nothing was lost, duplicated or left stale, and every check held.**"
-               if not (lost or duplicated or stale or problems) else
+               if not (lost or duplicated or stale or problems or results.failures) else
                f"**FAILED: {lost} lost, {duplicated} duplicated, {stale} stale, "
-               f"{len(problems)} failed check(s).**")
-    out = [
-        "# Reliability report",
-        "",
-        "Written by `benchmarks/reliability.py`; do not edit by hand, run it again. What each "
-        "scenario injects and how every row is checked: [method](#method).",
-        "",
-        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, took {took_s / 60:.1f} min",
-        f"- command: `{command}`",
-        f"- seed {args.seed}; --ids {args.ids} (random faults: {2 * args.ids:,}; each fault "
+               f"{len(problems)} failed check(s), {len(results.failures)} scenario(s) that "
+               "could not run.**")
+    out = report_header("Reliability report", "reliability.py", started=started,
+                        took_s=took_s, command=command, facts=info, lines=[
+        f"seed {args.seed}; --ids {args.ids} (random faults: {2 * args.ids:,}; each fault "
         f"kind: {args.ids // 25} ordinary ids and 12 scripted ones; bad answers: "
         f"{args.ids // 10} ordinary ids and 40 bad ones; hostile bodies: {args.ids // 5} "
         f"ordinary ids and {len(HOSTILE_KINDS) * HOSTILE_EACH} hostile ones; API dying: "
@@ -1013,25 +958,24 @@ def render(results: list[Result], info: dict[str, str], args: argparse.Namespace
         f"{args.kills} random kills, {args.batch_kills} kills inside a batch, "
         f"{args.terminations} terminations between and {args.terminations} inside batches, "
         f"{args.processes} concurrent processes",
-        *(f"- {k}: {v}" for k, v in info.items()),
-        "",
-        verdict,
-        "",
-        "| scenario | what was injected | times | ids requested | loaded | failed as "
-        "expected | not found | lost | duplicated | stale snapshots |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        out.append(f"| {r.scenario} | {r.injected} | {r.times:,} | {r.requested:,} | "
-                   f"{r.loaded:,} | {r.failed_expected:,} | {r.not_found:,} | "
-                   f"{_mark(r.lost)} | {_mark(r.duplicated)} | {_mark(r.stale)} |")
-    out.append(f"| **total** | | {sum(r.times for r in results):,} | "
-               f"{sum(r.requested for r in results):,} | {sum(r.loaded for r in results):,} | "
-               f"{sum(r.failed_expected for r in results):,} | "
-               f"{sum(r.not_found for r in results):,} | {_mark(lost)} | "
-               f"{_mark(duplicated)} | {_mark(stale)} |")
+        f"load average (1 min) before / after: {loads[0]:.2f} / {loads[1]:.2f}"])
+    out += ["", verdict, ""]
+    out += markdown_table(
+        ["scenario", "what was injected", "times", "ids requested", "loaded",
+         "failed as expected", "not found", "lost", "duplicated", "stale snapshots"],
+        [[r.scenario, r.injected, f"{r.times:,}", f"{r.requested:,}", f"{r.loaded:,}",
+          f"{r.failed_expected:,}", f"{r.not_found:,}", _mark(r.lost), _mark(r.duplicated),
+          _mark(r.stale)] for r in rows]
+        + [["**total**", "", f"{sum(r.times for r in rows):,}",
+            f"{sum(r.requested for r in rows):,}", f"{sum(r.loaded for r in rows):,}",
+            f"{sum(r.failed_expected for r in rows):,}", f"{sum(r.not_found for r in rows):,}",
+            _mark(lost), _mark(duplicated), _mark(stale)]],
+        align="llrrrrrrrr")
+    if results.failures:
+        out += ["", "## Scenarios that could not run", ""]
+        out += [f"- {f}" for f in results.failures]
     out += ["", "## Checks beyond the rows", ""]
-    for r in results:
+    for r in rows:
         checks = "; ".join(r.notes)
         state = "held" if not r.problems else "**FAILED: " + "; ".join(r.problems) + "**"
         out.append(f"- **{r.scenario}** ({r.duration_s:.0f} s): {checks}. Checks {state}.")
@@ -1044,17 +988,21 @@ def _mark(n: int) -> str:
 
 
 METHOD = [
-    "Every `etl sync` runs as a process of its own (`python -m etl sync --json`) against the "
-    "simulator (`etl/simulator.py`, in the script's process, on 127.0.0.1) and a database of "
-    "its own on the local PostgreSQL, created for the scenario and dropped after it.",
+    "Every `etl sync` runs as a process of its own (`python -m etl sync --json`; one that "
+    "runs to its end is started by the launcher `benchmarks/measure.py` and killed with its "
+    "process group after 10 minutes) against the simulator (`etl/simulator.py`, in the "
+    "script's process, on 127.0.0.1) and a database of its own on the local PostgreSQL, "
+    "created for the scenario and dropped after it. Its environment is the script's, less "
+    "every `ETL_*`, `COMMUBO_*` and `DLT_*` variable. The script is a list of scenarios over "
+    "`benchmarks/harness.py`.",
     "",
     "What a scenario should leave is derived from what the simulator serves, not from "
     "another run: every servable call through `etl.transform`, the newest snapshot of every "
     "customer and operator (and the phone numbers of that snapshot), `not_found` for 404s, "
     "`failed` for what can never load (a persistent 500, bodies that are not a call, values "
     "the columns cannot hold, ids whose faults outlast the attempts). Then every row is read "
-    "back (`tests/helpers.py`: `expected_warehouse`, `stored_warehouse`, `lost_ids`, "
-    "`stale_entities`, the same checks the test suite uses):",
+    "back (`etl/testing.py`: `expected_warehouse`, `stored_warehouse`, `lost_ids`, "
+    "`stale_entities`, `duplicated_rows`, the same checks the test suite uses):",
     "",
     "- **times**: faults the simulator actually served (counted per request: a hostile body "
     "is one), kills that hit a running sync, signals that hit a hanging sync, sessions "
@@ -1090,7 +1038,9 @@ METHOD = [
     "(api.max_response_bytes)`, an escape id with `400 Bad Request\\x1b]0;…`, the control "
     "characters written out as text; no raw control character but the newline may reach "
     "stdout, stderr, `etl failures` or `etl_call_status.error`. The peak RSS of the `etl "
-    "sync` process is the kernel's high-water mark (`ru_maxrss` from `os.wait4`), not a "
+    "sync` process is the kernel's high-water mark (`ru_maxrss` from `os.wait4`, in MiB, "
+    "the process forked by the tiny launcher so that the script's own size is not carried "
+    "over), not a "
     f"sample; it must stay under {RSS_LIMIT_MB} MB, and is set beside runs (processes and "
     "databases of their own) of the same ordinary ids alone, with only the bombs and with "
     "only the endless bodies.",
@@ -1144,11 +1094,13 @@ METHOD = [
 ]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="scenarios (--only):\n" + SCENARIOS.help())
     parser.add_argument("--pg-url", default=os.environ.get(
         "ETL_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"),
-        help="a PostgreSQL database on a server where rel_* databases may be created")
+        help="a PostgreSQL database on a server where bench_run_* databases may be created")
     parser.add_argument("--seed", type=int, default=20261125)
     parser.add_argument("--ids", type=int, default=1000, help="ids per scenario")
     parser.add_argument("--kills", type=int, default=10, help="random SIGKILLs")
@@ -1156,36 +1108,38 @@ def main() -> int:
     parser.add_argument("--terminations", type=int, default=5,
                         help="terminations between and inside batches, each")
     parser.add_argument("--processes", type=int, default=4, help="concurrent syncs")
-    parser.add_argument("--only", default=",".join(SCENARIOS),
-                        help=f"comma-separated, of: {', '.join(SCENARIOS)}")
+    parser.add_argument("--only", help="comma-separated, of: " + ", ".join(SCENARIOS.names()))
     parser.add_argument("--quick", action="store_true",
                         help="300 ids, 4 kills, 2 in a batch, 2 terminations, 3 processes")
-    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "reliability.md")
-    args = parser.parse_args()
+    parser.add_argument("--output", type=Path, default=REPO / "docs" / "reliability.md")
+    args = parser.parse_args(argv)
     if args.quick:
         args.ids, args.kills, args.batch_kills = 300, 4, 2
         args.terminations, args.processes = 2, 3
-    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(chosen) - set(SCENARIOS)
-    if unknown:
-        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    try:
+        chosen = SCENARIOS.select(args.only)
+    except ValueError as exc:
+        parser.error(str(exc))
 
-    command = "uv run python benchmarks/reliability.py" + "".join(
-        f" {shlex.quote(a)}" for a in sys.argv[1:])
-    started = time.monotonic()
-    pg = Bench.libpq(normalize_database_url(args.pg_url))
-    info = machine(pg)
-    with tempfile.TemporaryDirectory(prefix="etl-reliability-") as tmp:
-        bench = Bench(args, Path(tmp))
-        for name in chosen:
-            log(f"scenario {name}")
-            getattr(bench, name.replace("-", "_"))()
-    report = render(bench.results, info, args, command, time.monotonic() - started)
+    command = command_line()
+    started = datetime.now(UTC)
+    t0 = time.monotonic()
+    load_before = load_average(warn=True)
+    with Rel(args) as ctx:
+        info = machine_facts(ctx.pg_url)
+        drop_stale_databases(ctx.pg_url)
+        try:
+            results = run_scenarios(chosen, ctx)
+        except KeyboardInterrupt:
+            log("interrupted")
+            return 130
+    report = render(results, info, args, command, started, time.monotonic() - t0,
+                    (load_before, load_average()))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report)
     log(f"wrote {args.output}")
     print(report)
-    return 0 if all(r.ok for r in bench.results) else 1
+    return 0 if all(r.ok for r in results.records) and not results.failures else 1
 
 
 if __name__ == "__main__":

@@ -3,10 +3,14 @@
 Installed with the `airflow` extra (`pip install 'commubo-etl[airflow]'`); nothing else in `etl`
 imports Airflow. Written against the Airflow 3 task SDK (`airflow.sdk`).
 
-The API is an HTTP connection (host = base URL, login = tenant id, password = access token);
-the warehouse is a Postgres connection, or `db_url`. Settings the operator has no argument for
-(timeouts, attempts per id, backoff, TLS verification) come from the etl config file named by
-`ETL_CONFIG` on the worker, as for `etl sync`.
+The API is a `commubo` connection (`etl.airflow_hook.CommuboHook`; an HTTP connection with the
+same fields works too: host = base URL, login = tenant id, password = access token); the
+warehouse is a Postgres connection, or `db_url`. Settings neither has (backoff, response size
+cap, ...) come from the etl config file named by `ETL_CONFIG` on the worker, as for `etl sync`.
+
+The operator declares an Airflow asset per warehouse table it writes when it knows the warehouse
+when the DAG is parsed (`warehouse_uri=`, or `db_url=`), and attaches the run's counts to their
+events; it reports the same to OpenLineage when that provider is installed.
 
 How run outcomes become task states:
 
@@ -23,34 +27,48 @@ a downstream `trigger_rule="all_done"` task can count what every shard did.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-from airflow.sdk import BaseHook, BaseOperator, conf
+from airflow.sdk import Asset, AssetAlias, BaseHook, BaseOperator, conf
 from airflow.sdk.exceptions import (
     AirflowException,
     AirflowFailException,
     AirflowNotFoundException,
 )
 from airflow.sdk.log import mask_secret
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 
+from .airflow_hook import CommuboHook, api_from_connection
 from .config import (
     Settings,
     display_url,
-    load_settings,
     normalize_database_url,
     with_overrides,
 )
-from .errors import AuthError, ConfigError, FatalError, InputError
-from .ids import read_ids, select_shard
+from .errors import AuthError, ConfigError, FatalError, InputError, Interrupted
+from .ids import read_ids, select_shard, shard_ids
+from .logs import log_context, shard_label
 from .progress import LogProgress
-from .sync import DEFAULT_RELATED_DEPTH, SyncSummary, run_sync
+from .schema import metadata
+from .sync import DEFAULT_RELATED_DEPTH, StopRequest, SyncSummary, run_sync, shard_rate
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection, Context
+
+__all__ = [
+    "CommuboHook",
+    "CommuboSyncOperator",
+    "api_from_connection",
+    "database_url_from_connection",
+    "shard_ids",
+    "warehouse_asset",
+    "warehouse_assets",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +90,8 @@ _LIBPQ_EXTRAS = frozenset({
 class CommuboSyncOperator(BaseOperator):
     """Sync call ids from the commubo connect API into the warehouse, in-process via `run_sync`.
 
-    :param ids: the call ids (a list), e.g. one element of `etl.ids.shard_ids(...)` through
-        `.expand(ids=...)`. Give `ids` or `ids_file`, not both.
+    :param ids: the call ids (a list, templated), e.g. one element of `shard_ids(...)`
+        through `.expand(ids=...)`. Give `ids` or `ids_file`, not both.
     :param ids_file: path of an ids file on the worker (templated). The task reads it and keeps
         shard `shard_index` of `num_shards` (the stable hash of `etl.ids`), so big id lists
         never travel through XCom or the serialized DAG.
@@ -82,17 +100,22 @@ class CommuboSyncOperator(BaseOperator):
     :param num_shards: how many shards the ids are split into. At most Airflow's
         `core.max_map_length` (1024 unless configured): more mapped tasks than that are refused
         by Airflow where the list comes through XCom, and clog the scheduler anyway.
-    :param api_conn_id: HTTP connection of the API: host = base URL (with or without scheme
-        and port; `schema` may be `http`/`https`, or else a path prefix), login = tenant id,
-        password = access token.
+    :param api_conn_id: the API's connection, of type `commubo` (or HTTP): host = base URL,
+        login = tenant id, password = access token (see `CommuboHook`).
     :param db_conn_id: Postgres connection of the warehouse (host, port, schema = database,
         login, password; libpq parameters such as `sslmode` in extra).
-    :param db_url: a SQLAlchemy URL used instead of `db_conn_id` (e.g. SQLite for a trial).
-        Not templated, so that a password in it is never rendered in the UI.
+    :param db_url: a SQLAlchemy URL used instead of `db_conn_id` (templated; e.g. SQLite for
+        a trial). A password in it is masked in the rendered fields and logs; the connection
+        is the better place for one.
+    :param warehouse_uri: where `db_conn_id` points, as `postgres://host:port/database`, for
+        the assets (outlets) the task declares: one per table it writes, so downstream DAGs
+        can be scheduled on them. Not needed with `db_url` (read from it). Without either, an
+        unmapped task reports its tables through an asset alias instead, and a mapped one
+        declares none (see docs/airflow.md).
     :param concurrency: concurrent requests of this task.
     :param batch_size: rows per load transaction.
-    :param max_rps: request rate cap per second of this task (0 = none); N mapped tasks
-        together send up to N times as many.
+    :param max_rps: request rate cap per second of all the shards together (0 = none): each
+        of N mapped shards takes its part, as `etl sync --num-shards` does.
     :param fail_on_failed_ids: fail the task (retryable) when ids failed after their retries.
         With False the task succeeds and the summary counts them (`etl failures` lists them).
     :param retry_failed: also fetch the ids whose last status is `failed`, of this task's shard
@@ -113,9 +136,13 @@ class CommuboSyncOperator(BaseOperator):
     again for what is already loaded, and with `follow_related` goes on along the chains from
     the related ids stored with what it skips, so chains a failed try left unfinished are
     completed.
+
+    Mapped tasks are named `shard I/N` in the UI (`map_index_template`). A task Airflow kills
+    (timeout, "mark failed", SIGTERM) stops within a second: requests in flight are cut off,
+    what was fetched is committed, and the run is recorded as `interrupted`.
     """
 
-    template_fields: Sequence[str] = ("ids_file",)
+    template_fields: Sequence[str] = ("ids", "ids_file", "db_url")
     ui_color = "#d6ecf3"
 
     def __init__(
@@ -125,9 +152,10 @@ class CommuboSyncOperator(BaseOperator):
         ids_file: str | None = None,
         shard_index: int = 0,
         num_shards: int = 1,
-        api_conn_id: str = "commubo_default",
+        api_conn_id: str = CommuboHook.default_conn_name,
         db_conn_id: str = "commubo_warehouse",
         db_url: str | None = None,
+        warehouse_uri: str | None = None,
         concurrency: int = 8,
         batch_size: int = 500,
         max_rps: float = 0,
@@ -137,6 +165,10 @@ class CommuboSyncOperator(BaseOperator):
         related_depth: int = DEFAULT_RELATED_DEPTH,
         **kwargs: Any,
     ) -> None:
+        kwargs.setdefault("map_index_template", _MAP_INDEX_TEMPLATE)
+        # Not when a mapped task is created for its run: its outlets came through partial().
+        if "outlets" not in kwargs:
+            kwargs["outlets"] = default_outlets(warehouse_uri, db_url, db_conn_id)
         super().__init__(**kwargs)
         if ids is not None and ids_file is not None:
             # Caught when the DAG file is parsed (unmapped tasks); mapped tasks fail at run time.
@@ -148,6 +180,7 @@ class CommuboSyncOperator(BaseOperator):
         self.api_conn_id = api_conn_id
         self.db_conn_id = db_conn_id
         self.db_url = db_url
+        self.warehouse_uri = warehouse_uri
         self.concurrency = concurrency
         self.batch_size = batch_size
         self.max_rps = max_rps
@@ -155,28 +188,67 @@ class CommuboSyncOperator(BaseOperator):
         self.retry_failed = retry_failed
         self.follow_related = follow_related
         self.related_depth = related_depth
+        self._stop = StopRequest()
+        self._summary: SyncSummary | None = None
+        self._settings: Settings | None = None
+
+    @classmethod
+    def partial(cls, **kwargs: Any):  # type: ignore[override]
+        """As BaseOperator.partial; mapped tasks get their outlets here, where Airflow reads
+        them when the DAG is parsed (`__init__` only runs for each mapped task at run time).
+        No asset alias for mapped tasks: shards finishing together would each create the
+        alias's asset, and Airflow's API server fails all but one of them."""
+        if "outlets" not in kwargs:
+            outlets = [o for o in default_outlets(
+                kwargs.get("warehouse_uri"), kwargs.get("db_url"),
+                kwargs.get("db_conn_id", "commubo_warehouse")) if isinstance(o, Asset)]
+            if outlets:
+                kwargs["outlets"] = outlets
+        kwargs.setdefault("map_index_template", _MAP_INDEX_TEMPLATE)
+        return super().partial(**kwargs)
+
+    def render_template_fields(self, context: Context, jinja_env: Any = None) -> None:
+        super().render_template_fields(context, jinja_env)
+        # Registered before Airflow stores the rendered fields, so the password never reaches
+        # the UI's "Rendered Template" view.
+        if self.db_url:
+            with contextlib.suppress(ArgumentError, ValueError):
+                password = make_url(str(self.db_url)).password
+                if password:
+                    mask_secret(str(password))
 
     def execute(self, context: Context) -> dict[str, Any]:
-        """Run the sync of this task's shard and return its summary dict (SPEC section 3)."""
+        """Run the sync of this task's shard and return its summary dict (docs/airflow.md)."""
+        shard, shards = self.shard_position(context)
+        label = shard_label(shard, shards)
+        context["commubo_shard"] = label  # for map_index_template
+        # Every line of the task carries the shard in the task log (and the run id once
+        # run_sync made one), also for shards of a list, which run_sync only knows as (0, 1).
+        with log_context(shard=label):
+            return self._sync(context, shards, label)
+
+    def _sync(self, context: Context, shards: int, label: str) -> dict[str, Any]:
         try:
             ids = self.resolve_ids()
-            settings = self.build_settings()
+            settings = self.build_settings(shards)
         except InputError as exc:
             raise AirflowFailException(str(exc)) from None
+        self._settings = settings
         ti = context.get("ti")
         try_number = getattr(ti, "try_number", None) or 1
         skip_loaded = try_number > 1
         source = f"ids file {self.ids_file}" if self.ids_file is not None else "the ids given"
-        log.info("commubo sync of %d ids: shard index %d of %d shards of %s; API %s; "
-                 "database %s%s", len(ids), self.shard_index, self.num_shards, source,
-                 settings.base_url, display_url(settings.database_url),
+        log.info("commubo sync of %d ids: shard %s of %s; API %s; database %s%s%s",
+                 len(ids), label, source, settings.base_url,
+                 display_url(settings.database_url),
+                 f"; {settings.max_requests_per_s:g} requests/s" if self.max_rps else "",
                  f"; try {try_number}, so ids already loaded are skipped" if skip_loaded else "")
         try:
-            summary = run_sync(settings, ids, skip_loaded=skip_loaded,
-                               retry_failed=self.retry_failed, progress=LogProgress(),
-                               shard=(self.shard_index, self.num_shards),
-                               follow_related=self.follow_related,
-                               related_depth=self.related_depth)
+            summary = run_sync(
+                settings, ids, skip_loaded=skip_loaded, retry_failed=self.retry_failed,
+                progress=LogProgress(), stop=self._stop,
+                shard=(self.shard_index, self.num_shards) if self.num_shards > 1 else None,
+                follow_related=self.follow_related, related_depth=self.related_depth)
         except AuthError as exc:
             self._push_partial(context, exc)
             raise AirflowFailException(
@@ -186,11 +258,16 @@ class CommuboSyncOperator(BaseOperator):
         except InputError as exc:
             # Raised before any request: bad ids, or a schema the migrations cannot reach.
             raise AirflowFailException(str(exc)) from None
+        except Interrupted as exc:
+            self._push_partial(context, exc)
+            raise AirflowException(f"{exc}; the next try goes on where this one stopped"
+                                   ) from None
         except FatalError as exc:
             # The database went away (or another stop a later try may get past): retryable.
             self._push_partial(context, exc)
             raise AirflowException(f"{exc}; the next try goes on where this one stopped"
                                    ) from None
+        self._summary = summary
         result = summary.to_dict()
         if summary.failed and self.fail_on_failed_ids:
             self._push(context, result)
@@ -201,9 +278,28 @@ class CommuboSyncOperator(BaseOperator):
                 f"{summary.skipped} skipped); a task retry fetches only what is not loaded; "
                 f"see them with `etl failures --run {summary.run_id}`"
             )
+        self._emit_asset_events(context, settings, summary, label)
         return result
 
+    def on_kill(self) -> None:
+        """Airflow calls this from its SIGTERM handler (and on a task timeout): only set the
+        stop request, which is safe there; the run ends at its next check (a quarter second),
+        records itself as interrupted, and `execute` raises."""
+        self._stop.stop("killed by Airflow (timeout, mark failed or SIGTERM)", 143)
+
     # -- the parts of execute, public so they can be checked on their own ---------------------
+
+    def shard_position(self, context: Context | None = None) -> tuple[int, int]:
+        """(index, count) of this task among the shards: `shard_index`/`num_shards` when they
+        split the ids, else the map index among the mapped tasks (`.expand(ids=...)`), else
+        (0, 1)."""
+        if self.num_shards > 1:
+            return self.shard_index, self.num_shards
+        ti = (context or {}).get("ti")
+        map_index = getattr(ti, "map_index", -1)
+        if map_index is None or map_index < 0:
+            return 0, 1
+        return map_index, max(_mapped_count(ti, self), map_index + 1)
 
     def resolve_ids(self) -> list[str]:
         """This task's ids: `ids` or the ids file, then shard `shard_index` of `num_shards`."""
@@ -219,11 +315,11 @@ class CommuboSyncOperator(BaseOperator):
             ids = list(self.ids)  # type: ignore[arg-type]  # not None: checked above
         return select_shard(ids, self.shard_index, self.num_shards)
 
-    def build_settings(self) -> Settings:
+    def build_settings(self, shards: int = 1) -> Settings:
         """Settings from the worker's etl config (ETL_CONFIG), the connections and the
-        operator's arguments, in increasing precedence."""
-        base_url, tenant_id, token = api_from_connection(_connection(self.api_conn_id),
-                                                         self.api_conn_id)
+        operator's arguments, in increasing precedence; `max_rps` is this shard's part of
+        the total when `shards` share it."""
+        hook = CommuboHook(commubo_conn_id=self.api_conn_id)
         if self.db_url is not None:
             database_url = normalize_database_url(self.db_url)
             if database_url.password:
@@ -231,17 +327,48 @@ class CommuboSyncOperator(BaseOperator):
         else:
             database_url = database_url_from_connection(_connection(self.db_conn_id),
                                                         self.db_conn_id)
-        settings = load_settings(overrides={
-            "base_url": base_url,
-            "tenant_id": tenant_id,
-            "access_token": token,
-            "concurrency": self.concurrency,
-            "batch_size": self.batch_size,
-            "max_requests_per_s": self.max_rps,
-        })
+        settings = hook.get_settings(
+            concurrency=self.concurrency,
+            batch_size=self.batch_size,
+            max_requests_per_s=shard_rate(self.max_rps, shards) if self.max_rps else None,
+        )
         # As a URL object, not a string: a socket directory as host does not survive a
         # round trip through the string form.
         return with_overrides(settings, database_url=database_url)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """What OpenLineage's Airflow integration reports for this task: the API as the input,
+        the tables as outputs, the run's counts as statistics. OpenLineage is imported here
+        only, so nothing needs it unless it is installed."""
+        from .airflow_lineage import operator_lineage
+
+        if self._settings is None or self._summary is None:
+            return None
+        return operator_lineage(self._settings, self._summary)
+
+    def _emit_asset_events(self, context: Context, settings: Settings, summary: SyncSummary,
+                           shard: str) -> None:
+        """Attach the run's counts to the events of the assets this task declared; through
+        the alias, name the assets of where it actually wrote."""
+        extra = {"run_id": summary.run_id, "shard": shard, "requested": summary.requested,
+                 "related": summary.related, "loaded": summary.loaded,
+                 "not_found": summary.not_found, "failed": summary.failed,
+                 "skipped": summary.skipped, "warnings": summary.warnings}
+        events = context.get("outlet_events")
+        if events is None:
+            return
+        where = _warehouse_of(settings.database_url)
+        written = warehouse_assets(where) if where else []
+        for outlet in self.outlets:
+            if isinstance(outlet, AssetAlias):
+                for asset in written:
+                    events[outlet].add(asset, extra={**extra, "table": _table_of(asset)})
+            elif isinstance(outlet, Asset) and _table_of(outlet) in _written_tables():
+                if outlet.uri not in {a.uri for a in written}:
+                    log.warning("asset %s names another warehouse than the one written (%s): "
+                                "check warehouse_uri", outlet.uri,
+                                display_url(settings.database_url))
+                events[outlet].extra = {**extra, "table": _table_of(outlet)}
 
     def _push_partial(self, context: Context, exc: BaseException) -> None:
         summary: SyncSummary | None = getattr(exc, "summary", None)
@@ -252,6 +379,95 @@ class CommuboSyncOperator(BaseOperator):
         ti = context.get("ti")
         if self.do_xcom_push and ti is not None:
             ti.xcom_push(key=_RETURN_KEY, value=result)
+
+
+# The UI names mapped tasks by this (the task sets `commubo_shard` in the context).
+_MAP_INDEX_TEMPLATE = "shard {{ commubo_shard }}"
+
+# The tables a sync writes rows of: the assets of a task. call_types is filled by the
+# migrations, etl_runs is the run log, not data.
+_NOT_WRITTEN = frozenset({"call_types", "etl_runs"})
+
+
+def _written_tables() -> list[str]:
+    return [t.name for t in metadata.sorted_tables if t.name not in _NOT_WRITTEN]
+
+
+def warehouse_assets(warehouse_uri: str) -> list[Asset]:
+    """One Airflow asset per table a sync writes, for the PostgreSQL warehouse at
+    `warehouse_uri` (`postgres://host:port/database`; `postgresql://` and a missing port,
+    5432, are accepted). Named by OpenLineage's convention: namespace `postgres://host:port`,
+    name `database.public.table`; the URI is Airflow's form of the same
+    (`postgres://host:port/database/public/table`)."""
+    namespace, database = _split_warehouse(warehouse_uri)
+    return [Asset(name=f"{namespace}/{database}.public.{table}",
+                  uri=f"{namespace}/{database}/public/{table}",
+                  group="commubo-etl")
+            for table in _written_tables()]
+
+
+def warehouse_asset(warehouse_uri: str, table: str = "calls") -> Asset:
+    """The asset of one table (`warehouse_assets`), e.g. to schedule a DAG on `calls`."""
+    for asset in warehouse_assets(warehouse_uri):
+        if _table_of(asset) == table:
+            return asset
+    raise ValueError(f"a sync writes no table {table!r}; it writes {', '.join(_written_tables())}")
+
+
+def default_outlets(warehouse_uri: str | None, db_url: str | None,
+                    db_conn_id: str) -> list[Asset | AssetAlias]:
+    """The outlets a task declares unless given: the tables of `warehouse_uri` or of
+    `db_url` when either is known when the DAG is parsed, else an asset alias the task
+    fills with the tables of the warehouse its connection names."""
+    if warehouse_uri:
+        return list(warehouse_assets(warehouse_uri))
+    if db_url and "{{" not in str(db_url):
+        # Only PostgreSQL has assets (not a SQLite trial); an invalid URL fails at run time.
+        with contextlib.suppress(ArgumentError, ValueError):
+            where = _warehouse_of(make_url(str(db_url)))
+            return warehouse_assets(where) if where else []
+        return []
+    return [AssetAlias(name=f"commubo-etl:{db_conn_id}", group="commubo-etl")]
+
+
+def _split_warehouse(warehouse_uri: str) -> tuple[str, str]:
+    """(OpenLineage namespace, database) of `postgres://host:port/database`."""
+    parts = urlsplit(warehouse_uri.strip())
+    scheme = parts.scheme.lower().split("+")[0]
+    if scheme not in ("postgres", "postgresql") or not parts.hostname:
+        raise ValueError(f"warehouse_uri must look like postgres://host:port/database, "
+                         f"got {warehouse_uri!r}")
+    database = parts.path.strip("/")
+    if not database or "/" in database:
+        raise ValueError(f"warehouse_uri must name one database: postgres://host:port/database,"
+                         f" got {warehouse_uri!r}")
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    return f"postgres://{host}:{parts.port or 5432}", database
+
+
+def _warehouse_of(url: URL) -> str | None:
+    """`postgres://host:port/database` of a PostgreSQL URL (no user, no password); None for
+    another database. A socket directory as host names no place: `localhost`."""
+    if url.get_backend_name() != "postgresql":
+        return None
+    host = url.host if url.host and not url.host.startswith("/") else "localhost"
+    return f"postgres://{host}:{url.port or 5432}/{url.database or ''}"
+
+
+def _table_of(asset: Asset) -> str:
+    return asset.uri.rsplit("/", 1)[-1]
+
+
+def _mapped_count(ti: Any, task: BaseOperator) -> int:
+    """How many mapped tasks this task has in its run (1 if Airflow cannot say)."""
+    try:
+        return int(ti.get_ti_count(dag_id=ti.dag_id, task_ids=[task.task_id],
+                                   run_ids=[ti.run_id]))
+    except Exception:  # not inside a task runner (a test calling execute): one shard
+        log.debug("could not count the mapped tasks", exc_info=True)
+        return 1
 
 
 def check_num_shards(num_shards: int) -> None:
@@ -271,51 +487,6 @@ def _connection(conn_id: str) -> Connection:
         return BaseHook.get_connection(conn_id)
     except AirflowNotFoundException:
         raise ConfigError(f"Airflow connection {conn_id!r} is not defined") from None
-
-
-def api_from_connection(conn: Connection, conn_id: str = "") -> tuple[str, str, str]:
-    """(base URL, tenant id, access token) from an HTTP connection.
-
-    The host is taken as Airflow stores it: `https://api.example.com[:port][/prefix]`, or a
-    bare `api.example.com` whose scheme is the connection's `schema` when that is `http` or
-    `https`, else `https` for a connection of type https and `http` otherwise (as Airflow's
-    HttpHook does). A `schema` that is not a scheme is a path prefix, which is what a URI
-    such as `http://tenant:token@host:8080/prefix` leaves there. The port field is used when
-    the host names none.
-    """
-    name = f"Airflow connection {conn_id!r}" if conn_id else "the API connection"
-    host = (conn.host or "").strip()
-    if not host:
-        raise ConfigError(f"{name} has no host: set it to the API base URL "
-                          "(the part before /v1/calls/...)")
-    schema = (conn.schema or "").strip()
-    scheme_field = schema.lower() in ("http", "https")
-    prefix = "" if scheme_field or not schema else "/" + schema.strip("/")
-    if "://" not in host:
-        scheme = (schema.lower() if scheme_field
-                  else "https" if (conn.conn_type or "").lower() == "https" else "http")
-        if host.count(":") > 1 and not host.startswith("["):
-            host = f"[{host}]"  # a bare IPv6 address
-        host = f"{scheme}://{host}"
-    url = host.rstrip("/") + prefix
-    if conn.port:
-        parts = urlsplit(url)
-        try:
-            port = parts.port
-        except ValueError:
-            pass  # an invalid port in the host: normalize_base_url names it later
-        else:
-            if port is None:
-                url = urlunsplit(parts._replace(netloc=f"{parts.netloc}:{conn.port}"))
-            elif port != conn.port:
-                raise ConfigError(f"{name}: the host names port {port} and the port field "
-                                  f"{conn.port}: leave one of them out")
-    if not conn.login:
-        raise ConfigError(f"{name} has no login: set it to the commubo tenant id")
-    if not conn.password:
-        raise ConfigError(f"{name} has no password: set it to the commubo access token")
-    mask_secret(conn.password)
-    return url, conn.login, conn.password
 
 
 def database_url_from_connection(conn: Connection, conn_id: str = "") -> URL:

@@ -1,4 +1,4 @@
-"""The `etl` command: a thin click shell over the library (SPEC section 3).
+"""The `etl` command: a thin click shell over the library (docs/design.md §3).
 
 Options are parsed here, the work is done by `etl.sync`, `etl.db` and `etl.runs`, and every
 `EtlError` is mapped to one line on stderr and its exit code in `main`, nowhere else.
@@ -22,43 +22,14 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from . import db, runs
-from .config import DEFAULT_DATABASE_URL, Settings, display_url, load_settings
+from .config import DEFAULT_DATABASE_URL, Settings, display_url, load_settings, with_overrides
 from .errors import DatabaseError, EtlError, InputError, Interrupted
 from .ids import read_ids, select_shard
+from .logs import FORMATS, json_logging, log_context, setup_logging, shard_label
 from .schema import SCHEMA_REVISION
 from .text import printable
 
 log = logging.getLogger("etl")
-
-
-class _OneLineFormatter(logging.Formatter):
-    """Log records whose exception is shown as one line, not a traceback: libraries log some
-    (SQLAlchemy's pool after an interrupted query, say), and stderr gets no tracebacks, which
-    could also carry values. ETL_DEBUG=1 shows them whole. Control characters (from text a
-    server chose) are escaped."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return printable(super().format(record), 4000)
-
-    def formatException(self, ei) -> str:  # noqa: N802 - logging's name
-        exc = ei[1]
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        return f"  ({type(exc).__name__}{': ' + first if first else ''})"
-
-    def formatStack(self, stack_info: str) -> str:  # noqa: N802 - logging's name
-        return ""
-
-
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt) if os.environ.get("ETL_DEBUG")
-                         else _OneLineFormatter(fmt))
-    logging.basicConfig(level=level, handlers=[handler])
-    if verbose < 2:
-        for noisy in ("urllib3", "alembic"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class _HardStop(KeyboardInterrupt):
@@ -110,10 +81,14 @@ def db_url_option(f: Callable) -> Callable:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+@click.option("--log-format", type=click.Choice(FORMATS, case_sensitive=False),
+              envvar="ETL_LOG_FORMAT", show_envvar=True, default="text", show_default=True,
+              help="Log lines on stderr as text, or as one JSON object per line (for log "
+              "shippers).")
 @click.version_option(package_name="commubo-etl")
-def cli(verbose: int, quiet: bool) -> None:
+def cli(verbose: int, quiet: bool, log_format: str) -> None:
     """Sync commubo connect call history into a PostgreSQL (or SQLite) warehouse."""
-    _setup_logging(verbose, quiet)
+    setup_logging(verbose, quiet, log_format.lower())
 
 
 @cli.command()
@@ -126,7 +101,7 @@ def cli(verbose: int, quiet: bool) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), help="Rows per load transaction "
               "(default 500).")
 @click.option("--max-rps", type=click.FloatRange(min=0), help="Request rate cap per second "
-              "(0 = none).")
+              "(0 = none), for all shards together: each of N shards gets 1/N of it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as one JSON object.")
 @click.option("--skip-loaded", is_flag=True, help="Do not fetch ids whose last status is loaded.")
 @click.option("--retry-failed", is_flag=True, help="Also fetch every id whose last status is "
@@ -149,8 +124,8 @@ def sync(ctx: click.Context, ids_file: str | None, config: str | None, db_url: s
          no_migrate: bool, shard_index: int, num_shards: int, follow_related: bool,
          related_depth: int | None) -> None:
     """Fetch the calls of an ids file and upsert them into the warehouse."""
-    from .progress import for_stream
-    from .sync import DEFAULT_RELATED_DEPTH, run_sync
+    from .progress import LogProgress, for_stream
+    from .sync import DEFAULT_RELATED_DEPTH, run_sync, shard_rate
 
     settings = _settings(config, database_url=db_url, base_url=base_url, concurrency=concurrency,
                          batch_size=batch_size, max_requests_per_s=max_rps)
@@ -161,13 +136,21 @@ def sync(ctx: click.Context, ids_file: str | None, config: str | None, db_url: s
     ids = read_ids(ids_file) if ids_file is not None else []
     # A shard follows the chains of its own ids, into ids of other shards' hashes too.
     ids = select_shard(ids, shard_index, num_shards)
-    if display_url(settings.database_url) == DEFAULT_DATABASE_URL:
-        log.info("no database configured (--db-url, ETL_DATABASE_URL or database.url): "
-                 "writing to ./commubo.db")
     try:
-        with _stop_on_signals() as stop:
+        # Every line of this shard says which it is; run_sync adds the run id once it has one.
+        with (log_context(shard=shard_label(shard_index, num_shards)),
+              _stop_on_signals() as stop):
+            if display_url(settings.database_url) == DEFAULT_DATABASE_URL:
+                log.info("no database configured (--db-url, ETL_DATABASE_URL or database.url): "
+                         "writing to ./commubo.db")
+            # The cap is for all shards together, wherever it was set: a config file shared
+            # by the shard processes is the common case.
+            settings = with_overrides(settings, max_requests_per_s=shard_rate(
+                settings.max_requests_per_s, num_shards))
+            # A redrawn bar would break the one-JSON-object-per-line promise.
+            progress = LogProgress() if json_logging() else for_stream()
             summary = run_sync(settings, ids, skip_loaded=skip_loaded, retry_failed=retry_failed,
-                               migrate=not no_migrate, progress=for_stream(), stop=stop,
+                               migrate=not no_migrate, progress=progress, stop=stop,
                                shard=(shard_index, num_shards), follow_related=follow_related,
                                related_depth=related_depth or DEFAULT_RELATED_DEPTH)
     except EtlError as exc:
@@ -352,8 +335,13 @@ def failures(config: str | None, db_url: str | None, run_id: str | None,
 @click.option("--tenant-id", default=None, help="Tenant id the simulator accepts.")
 @click.option("--access-token", default=None, help="Access token the simulator accepts.")
 @click.option("--refuse", is_flag=True, help="refuse every connection (a dead API)")
+@click.option("--rate-limit", type=click.FloatRange(min=0, max=1e9), default=0.0,
+              show_default=True, help="Requests per second allowed, 0 = no limit; past it, 429 "
+              "with Retry-After (a token bucket of max(1, R/10) tokens shared by all "
+              "connections). Counters: GET /_stats.")
 def simulate(port: int, latency_ms: float, fault_rate: float, seed: int,
-             tenant_id: str | None, access_token: str | None, refuse: bool) -> None:
+             tenant_id: str | None, access_token: str | None, refuse: bool,
+             rate_limit: float) -> None:
     """Serve a simulated commubo API on 127.0.0.1 (for demos, tests and benchmarks)."""
     from .simulator import DEFAULT_ACCESS_TOKEN, DEFAULT_TENANT_ID, Simulator
 
@@ -361,10 +349,13 @@ def simulate(port: int, latency_ms: float, fault_rate: float, seed: int,
     access_token = access_token or DEFAULT_ACCESS_TOKEN
     try:
         sim = Simulator(port=port, latency_ms=latency_ms, fault_rate=fault_rate, seed=seed,
-                        tenant_id=tenant_id, access_token=access_token, refuse=refuse)
+                        tenant_id=tenant_id, access_token=access_token, refuse=refuse,
+                        rate_limit=rate_limit)
     except OSError as exc:
         raise InputError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
     mode = " refusing every connection" if refuse else ""
+    if rate_limit:
+        mode += f" allowing {rate_limit:g} requests/s (burst {sim.burst:g})"
     click.echo(f"simulated commubo API on {sim.url}{mode} (tenant id {tenant_id!r}, access "
                f"token {access_token!r}); Ctrl-C stops", err=True)
     click.echo(f"  COMMUBO_BASE_URL={sim.url} COMMUBO_TENANT_ID={tenant_id} "
@@ -387,6 +378,16 @@ def demo(config: str | None, db_url: str | None, calls: int) -> None:
     run_demo(settings, calls, click.echo)
 
 
+def _say(line: str, level: int = logging.ERROR) -> None:
+    """How `main` reports the end of a run on stderr: one line, or with --log-format json a
+    JSON record like every other line there (a log shipper would not parse a plain line),
+    its message the line without "etl: "."""
+    if json_logging():
+        log.log(level, line.removeprefix("etl: "))
+    else:
+        click.echo(line, err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: every EtlError becomes one line on stderr and its exit code."""
     try:
@@ -394,27 +395,30 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.ClickException as exc:
-        exc.show()
+        if json_logging():
+            _say(f"etl: error: {exc.format_message()}")
+        else:
+            exc.show()
         code = exc.exit_code
     except (click.Abort, KeyboardInterrupt) as exc:  # click turns Ctrl-C into Abort
-        click.echo("etl: interrupted; what was committed stays committed", err=True)
+        _say("etl: interrupted; what was committed stays committed", logging.WARNING)
         code = getattr(exc, "exit_code", 130)
     except Interrupted as exc:
-        click.echo(f"etl: {printable(exc, 1000)}", err=True)
+        _say(f"etl: {printable(exc, 1000)}", logging.WARNING)
         code = exc.exit_code
     except EtlError as exc:
-        click.echo(f"etl: error: {printable(exc, 1000)}", err=True)
+        _say(f"etl: error: {printable(exc, 1000)}")
         code = exc.exit_code
     except DBAPIError as exc:
         # Paths that expect database trouble raise DatabaseError; this is the safety net.
-        click.echo(f"etl: database error: {type(exc.orig).__name__}", err=True)
+        _say(f"etl: database error: {type(exc.orig).__name__}")
         code = 3
     except Exception as exc:
         if os.environ.get("ETL_DEBUG"):
             raise
         # A bug, not a user error: one line (no traceback, which could carry secrets).
-        click.echo(f"etl: internal error: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                   " (set ETL_DEBUG=1 for a traceback)", err=True)
+        _say(f"etl: internal error: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+             " (set ETL_DEBUG=1 for a traceback)")
         code = 70
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -72,6 +72,9 @@ class Settings:
     # When every attempt to connect has failed for this long, with no HTTP answer in between,
     # the run stops: the API cannot be reached (exit 3).
     unreachable_after_s: float = 20.0
+    # Fewer requests in flight while the API answers 429 (etl/adaptive.py); off: always
+    # `concurrency`.
+    adaptive_concurrency: bool = True
     verify_tls: bool = True
     config_file: str | None = None
 
@@ -150,6 +153,7 @@ TOML_KEYS: dict[str, tuple[str, Any]] = {
     "api.max_response_bytes": ("max_response_bytes", _int),
     "api.unreachable_after_s": ("unreachable_after_s", _float),
     "api.verify_tls": ("verify_tls", _bool),
+    "api.adaptive_concurrency": ("adaptive_concurrency", _bool),
     "database.url": ("database_url", _str),
     "sync.batch_size": ("batch_size", _int),
 }

@@ -7,12 +7,16 @@ With a `follow` hook (`RelatedCalls`, for `etl sync --follow-related`) the sourc
 ids that fetched calls lead to, and ends only when nothing is left and nothing is in flight.
 Every exchange has a deadline and a size cap (`transport`); what an answer means is decided in
 one place (`policy`); how long to wait between attempts and how many to make is tenacity's
-job here (exponential backoff with jitter, or the server's Retry-After, capped).
+job here (exponential backoff with jitter, or the server's Retry-After, capped). How many
+exchanges are in flight at once is up to `adaptive.AdaptiveLimit` (at most the concurrency,
+fewer while the API answers 429): each attempt takes a place before it is sent and gives it
+back with what its answer said, so a worker waiting out a Retry-After holds no place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -29,6 +33,7 @@ import requests
 import urllib3
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
+from .adaptive import AdaptiveLimit, Signal
 from .config import Settings
 from .errors import ApiUnreachable, ConfigError, EtlError
 from .ids import is_valid_call_id
@@ -171,7 +176,10 @@ class _Source:
 
 
 class Extractor:
-    """Fetches call ids with `settings.concurrency` workers. Use `fetch` as an iterator."""
+    """Fetches call ids with `settings.concurrency` workers. Use `fetch` as an iterator.
+
+    With `settings.adaptive_concurrency` (the default), `adaptive` holds how many of them may
+    have a request in flight: all of them until the API answers 429, fewer while it does."""
 
     def __init__(self, settings: Settings, queue_size: int | None = None) -> None:
         if not settings.base_url or settings.access_token is None:
@@ -196,6 +204,9 @@ class Extractor:
             multiplier=settings.backoff_s, max=settings.max_backoff_s, jitter=settings.backoff_s)
         self._limiter = (RateLimiter(settings.max_requests_per_s)
                          if settings.max_requests_per_s > 0 else None)
+        self.adaptive = (AdaptiveLimit(settings.concurrency)
+                         if settings.adaptive_concurrency else None)
+        self._closed = False
         parts = urlsplit(settings.base_url)
         self._breaker = CircuitBreaker(settings.unreachable_after_s,
                                        f"{parts.scheme}://{parts.netloc}")
@@ -230,6 +241,8 @@ class Extractor:
         """Stop fetching: requests in flight are cut off at once, no new one starts."""
         self._stop.set()
         self._watchdog.cut_off_all()
+        if self.adaptive is not None:
+            self.adaptive.wake()
 
     # -- the consumer side --------------------------------------------------------------------
 
@@ -246,9 +259,12 @@ class Extractor:
         """Start the workers on `ids` (and what `follow` finds); they fill the bounded queue
         until `results` drains it."""
         source = _Source(ids, follow)
+        # Each worker runs in a copy of the caller's context: threads do not inherit context
+        # variables, and the log fields (run id, shard) live there, also structlog's under
+        # Airflow (etl.logs).
         self._workers = [
-            threading.Thread(target=self._work, args=(source,), daemon=True,
-                             name=f"fetch-{n}")
+            threading.Thread(target=contextvars.copy_context().run, args=(self._work, source),
+                             daemon=True, name=f"fetch-{n}")
             for n in range(self.settings.concurrency)
         ]
         for w in self._workers:
@@ -282,6 +298,12 @@ class Extractor:
                 self._queue.get(timeout=0.05)
         self._watchdog.close()
         self._adapter.close()
+        if not self._closed and self.adaptive is not None and self.adaptive.decreases:
+            a = self.adaptive
+            log.info("adaptive concurrency: %d request(s) answered 429 (rate limited), %d "
+                     "cut(s) of which %d for latency, lowest %d, at the end %d of %d",
+                     a.limited, a.decreases, a.latency_cuts, a.lowest, a.limit, a.max_limit)
+        self._closed = True
 
     # -- the worker side ----------------------------------------------------------------------
 
@@ -345,9 +367,8 @@ class Extractor:
     def _attempt(self, url: str, call_id: str, slot: Slot) -> Outcome:
         if self._stop.is_set():
             raise _Stopped
-        if self._limiter is not None:
-            self._limiter.wait(self._stop)
-        decision, body = self._exchange(url, slot)
+        decision, body = (self._exchange_adaptively(url, slot) if self.adaptive is not None
+                          else self._capped_exchange(url, slot))
         verdict = decision.verdict
         if verdict is Verdict.LOAD:
             return _parsed(call_id, body)
@@ -359,6 +380,36 @@ class Extractor:
             raise decision.error
         return Outcome(call_id, FAILED, http_status=decision.http_status,
                        error=decision.reason)
+
+    def _capped_exchange(self, url: str, slot: Slot) -> tuple[Decision, bytes]:
+        """One exchange, after the wait the rate cap (api.max_requests_per_s) asks for."""
+        if self._limiter is not None:
+            self._limiter.wait(self._stop)
+        return self._exchange(url, slot)
+
+    def _exchange_adaptively(self, url: str, slot: Slot) -> tuple[Decision, bytes]:
+        """One exchange within the adaptive limit: wait for a place in flight (and the time
+        pacing gives it), send, and give the place back with what the answer said."""
+        adaptive = self.adaptive
+        assert adaptive is not None
+        ticket = adaptive.acquire(self._stop)
+        if ticket is None:
+            raise _Stopped
+        signal, latency = Signal.IGNORE, None
+        try:
+            if ticket.send_at is not None and self._stop.wait(ticket.send_at - time.monotonic()):
+                raise _Stopped
+            if self._limiter is not None:
+                self._limiter.wait(self._stop)
+            began = time.monotonic()
+            decision, body = self._exchange(url, slot)
+            if decision.verdict in (Verdict.LOAD, Verdict.NOT_FOUND):
+                signal, latency = Signal.OK, time.monotonic() - began
+            elif decision.http_status == 429:
+                signal = Signal.LIMITED
+            return decision, body
+        finally:
+            adaptive.release(ticket, signal, latency)
 
     def _exchange(self, url: str, slot: Slot) -> tuple[Decision, bytes]:
         """Send one request and read its whole answer within the deadline; judge it."""

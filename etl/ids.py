@@ -1,4 +1,4 @@
-"""Reading, validating and sharding call ids (SPEC section 3, `etl sync --ids-file`)."""
+"""Reading, validating and sharding call ids (docs/design.md §3.2, `etl sync --ids-file`)."""
 
 from __future__ import annotations
 

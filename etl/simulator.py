@@ -95,6 +95,28 @@ of attempts, and a retrying client eventually gets the payload.
 Per-id counters (:meth:`Simulator.requests_for`) count every request addressed to
 ``/v1/calls/{callId}``, including ones rejected with 403.
 
+Rate limit
+----------
+``Simulator(rate_limit=R)`` (``etl simulate --rate-limit R``; 0, the default, means none) plays
+an API that allows ``R`` requests per second: a token bucket shared by every connection, that
+refills at ``R`` tokens a second up to its capacity ``burst`` (default ``max(1, R / 10)``: a
+tenth of a second's worth, so a client may run ahead of the rate for a moment but not for
+long), and starts full.  Every request takes a token on arrival, before anything else is
+looked at (auth, the path, fault scripts).  One that finds no token is answered ``429`` with
+``{"error": "too many requests"}`` and ``Retry-After: <s>``: the seconds until a token is
+free, rounded up to a whole second and at least 1 (HTTP's delta-seconds are integers, so at
+300 requests/s this is coarse, 1 s where 4 ms would do: a client should honour it for the
+request that got it and slow its other requests down by itself).  Such a request takes no
+token, is answered after ``latency_ms`` like every answer, counts in
+:attr:`Simulator.total_requests` but not in :meth:`Simulator.requests_for` (it never reached
+the API behind the limit: fault scripts and random faults do not see it).
+
+:meth:`Simulator.stats` (and ``GET /_stats``: JSON, no headers needed, neither counted nor
+rate-limited nor delayed) tells the requests received, how many the rate limit answered with
+429, and a series per second since the first request (``requests``, ``ok``: 200 with a call,
+``not_found``: 404 for a call id, ``rate_limited``), for benchmarks to draw throughput and 429s
+over time.  :meth:`Simulator.reset_counts` zeroes it and fills the bucket again.
+
 Call objects
 ------------
 Every call object is a pure function of ``(seed, call id)``; no request order or clock enters
@@ -167,6 +189,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import random
 import re
 import socket
@@ -869,6 +892,53 @@ def _json_bytes(obj: object) -> bytes:
 _NOT_FOUND = _json_bytes({"error": "not found"})
 _FORBIDDEN = _json_bytes({"error": "forbidden", "message": "invalid tenant id or access token"})
 _RATE_LIMITED = _json_bytes({"error": "too many requests"})
+# Counters for benchmarks (Simulator.stats); not an API path, so no call id can collide.
+_STATS_PATH = "/_stats"
+
+
+class _TokenBucket:
+    """``rate`` tokens a second up to ``capacity``, starting full (the caller locks)."""
+
+    __slots__ = ("_rate", "_capacity", "_tokens", "_at")
+
+    def __init__(self, rate: float, capacity: float) -> None:
+        self._rate = rate
+        self._capacity = capacity
+        self._tokens = capacity
+        self._at: float | None = None
+
+    def take(self, now: float) -> float | None:
+        """Take a token: None when there was one, else the seconds until there is one (and
+        nothing is taken)."""
+        if self._at is not None:
+            self._tokens = min(self._capacity, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return None
+        return (1 - self._tokens) / self._rate
+
+
+class _Series:
+    """Counts per whole second since the first event (the caller locks)."""
+
+    KINDS = ("requests", "ok", "not_found", "rate_limited")
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+        self._rows: list[dict[str, int]] = []
+
+    def add(self, kind: str) -> None:
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        second = int(now - self._start)
+        while len(self._rows) <= second:
+            self._rows.append({"s": len(self._rows), **dict.fromkeys(self.KINDS, 0)})
+        self._rows[second][kind] += 1
+
+    def rows(self) -> list[dict[str, int]]:
+        return [dict(r) for r in self._rows]
 _STATUS_BODIES = {
     500: _json_bytes({"error": "internal server error"}),
     502: _json_bytes({"error": "bad gateway"}),
@@ -1010,6 +1080,10 @@ class _Server(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    # The listen backlog. socketserver's 5 drops the handshakes of a client that opens tens
+    # of connections at once (a sync's pool), and each dropped one costs that request a 1 s
+    # retransmission: an artefact of the simulator, not of the API or the client.
+    request_queue_size = 1024
     # ThreadingMixIn would otherwise join every handler thread on server_close(), which
     # blocks for as long as any client keeps an idle keep-alive connection open.
     block_on_close = False
@@ -1121,7 +1195,8 @@ class Simulator:
 
     Binding happens in the constructor (port 0 picks a free port), so :attr:`url` and
     :attr:`port` are valid before :meth:`start`.  See the module docstring for the id grammar,
-    the hostile-server kinds and the refusing mode (``refuse``).
+    the hostile-server kinds, the refusing mode (``refuse``) and the rate limit (``rate_limit``
+    requests/s, a bucket of ``burst`` tokens; :meth:`stats`).
     """
 
     def __init__(
@@ -1140,10 +1215,16 @@ class Simulator:
         bomb_bytes: int = 300 * 2**20,
         huge_bytes: int = 100 * 2**20,
         refuse: bool = False,
+        rate_limit: float = 0.0,
+        burst: float | None = None,
     ) -> None:
         _check_loopback(host)
         if not 0.0 <= fault_rate <= 1.0:
             raise ValueError("fault_rate must be between 0 and 1")
+        if not (0.0 <= rate_limit < float("inf")):
+            raise ValueError("rate_limit must be 0 (none) or a positive number of requests/s")
+        if burst is not None and not (1.0 <= burst < float("inf")):
+            raise ValueError("burst must be at least 1 token")
         if min(latency_ms, slow_s, retry_after_s, trickle_s, bomb_bytes, huge_bytes) < 0:
             raise ValueError(
                 "latency_ms, slow_s, retry_after_s, trickle_s, bomb_bytes and huge_bytes "
@@ -1162,6 +1243,12 @@ class Simulator:
         self._counts: dict[str, int] = {}
         self._total = 0
         self._lock = threading.Lock()
+        self.rate_limit = rate_limit
+        self.burst = (burst if burst is not None else max(1.0, rate_limit / 10)
+                      ) if rate_limit else None
+        self._bucket = _TokenBucket(rate_limit, self.burst) if rate_limit else None
+        self._rate_limited = 0
+        self._series = _Series()
         self._thread: threading.Thread | None = None
         # The thread running serve_forever() in the foreground (etl simulate), if any.
         self._foreground: threading.Thread | None = None
@@ -1281,7 +1368,9 @@ class Simulator:
         self.stop()
 
     def __repr__(self) -> str:
-        return f"Simulator(url={self.url!r}, seed={self.seed}, fault_rate={self.fault_rate})"
+        limit = f", rate_limit={self.rate_limit:g}" if self.rate_limit else ""
+        return (f"Simulator(url={self.url!r}, seed={self.seed}, fault_rate={self.fault_rate}"
+                f"{limit})")
 
     # -- counters --------------------------------------------------------------------------
 
@@ -1296,26 +1385,80 @@ class Simulator:
         with self._lock:
             return self._total
 
+    @property
+    def rate_limited(self) -> int:
+        """Requests the rate limit answered with 429 (not those of fault scripts)."""
+        with self._lock:
+            return self._rate_limited
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for benchmarks (also ``GET /_stats``): the requests received, those the
+        rate limit answered with 429, the limit and its burst, and one entry per second since
+        the first request: ``{"s": 0, "requests": .., "ok": .., "not_found": ..,
+        "rate_limited": ..}`` (``s``: whole seconds since the first request)."""
+        with self._lock:
+            return {
+                "requests": self._total,
+                "rate_limited": self._rate_limited,
+                "rate_limit": self.rate_limit,
+                "burst": self.burst,
+                "per_second": self._series.rows(),
+            }
+
     def reset_counts(self) -> None:
-        """Zero all counters; scripted ids then start their fault scripts again."""
+        """Zero all counters and the per-second series, and fill the rate limit's bucket
+        again; scripted ids then start their fault scripts again."""
         with self._lock:
             self._counts.clear()
             self._total = 0
+            self._rate_limited = 0
+            self._series = _Series()
+            if self._bucket is not None:
+                self._bucket = _TokenBucket(self.rate_limit, self.burst)
 
     def _count(self, call_id: str | None) -> int:
         """Record one request; return how many this id had before it (its 0-based attempt)."""
         with self._lock:
             self._total += 1
+            self._series.add("requests")
             if call_id is None:
                 return 0
             attempt = self._counts.get(call_id, 0)
             self._counts[call_id] = attempt + 1
             return attempt
 
+    def _over_limit(self) -> int | None:
+        """Take a token for a request that just arrived; when there is none, count the
+        request as received and rate-limited and return the Retry-After seconds."""
+        if self._bucket is None:
+            return None
+        with self._lock:
+            wait = self._bucket.take(time.monotonic())
+            if wait is None:
+                return None
+            self._total += 1
+            self._rate_limited += 1
+            self._series.add("requests")
+            self._series.add("rate_limited")
+        return max(1, math.ceil(wait))
+
+    def _tally(self, what: str) -> None:
+        with self._lock:
+            self._series.add(what)
+
     # -- request handling ------------------------------------------------------------------
 
     def _respond(self, h: _Handler) -> None:
         path = urlsplit(h.path).path
+        if path == _STATS_PATH:
+            h.send_body(200, json.dumps(self.stats()).encode())
+            return
+        retry_after = self._over_limit()
+        if retry_after is not None:
+            if self.latency_ms:
+                self._hang_up.wait(self.latency_ms / 1000)
+            h.send_body(429, _RATE_LIMITED, (("Retry-After", str(retry_after)),))
+            return
         raw_id = path[len(_CALLS_PREFIX) :] if path.startswith(_CALLS_PREFIX) else ""
         call_id = unquote(raw_id) if raw_id and "/" not in raw_id else None
         attempt = self._count(call_id)
@@ -1335,6 +1478,7 @@ class Simulator:
         kind, n = _classify(call_id)
         if kind == "ordinary":
             if _is_missing(call_id, self.seed):
+                self._tally("not_found")
                 h.send_body(404, _NOT_FOUND)
                 return
             if self.fault_rate:
@@ -1360,11 +1504,13 @@ class Simulator:
             self._fault(h, kind, body)
             return
 
+        self._tally("ok")
         h.send_body(200, _json_bytes(payload_for(call_id, self.seed)))
 
     def _fixed(self, h: _Handler, kind: str) -> None:
         """Answer for the prefixes that behave the same on every request."""
         if kind == "nf":
+            self._tally("not_found")
             h.send_body(404, _NOT_FOUND)
         elif kind == "broken":
             h.send_body(500, _STATUS_BODIES[500])

@@ -16,11 +16,12 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import db, runs
-from .config import Settings, display_url, require_api, validate
+from .config import _MAX_RPS_RANGE, Settings, display_url, require_api, validate
 from .errors import DatabaseError, FatalError, InputError, Interrupted, RemoteConfigError
 from .extract import Extractor, RelatedCalls, StoredLinks
 from .ids import is_valid_call_id, select_shard
 from .load import LOADED, Loader
+from .logs import log_context, shard_label
 from .outcome import FAILED, NOT_FOUND, Outcome
 from .schema import calls, etl_call_status
 
@@ -44,7 +45,7 @@ _LOOKUP_CHUNK = 5000
 
 @dataclass
 class SyncSummary:
-    """The run summary of SPEC section 3 (`etl sync --json`)."""
+    """The run summary of docs/design.md §3.3 (`etl sync --json`)."""
 
     run_id: str
     status: str
@@ -148,7 +149,26 @@ def run_sync(
     fetched again (`extract.RelatedCalls`). A shard follows the chains of its own ids wherever
     they lead: a related id may hash to another shard, and is then fetched by each shard whose
     calls lead to it, which is harmless (the newest fetch of a call wins).
+
+    Every record logged during the run, also by its worker threads, carries the fields
+    `run_id` and, with `shard`, `shard` ("3/8" for index 2 of 8; `etl.logs`), so that the
+    lines of one run can be picked out of a shared log.
     """
+    run_id = runs.new_run_id()
+    fields = {"run_id": run_id}
+    if shard is not None:
+        fields["shard"] = shard_label(*shard)
+    with log_context(**fields):
+        return _run_sync(settings, ids, run_id, skip_loaded=skip_loaded,
+                         retry_failed=retry_failed, migrate=migrate, progress=progress,
+                         engine=engine, stop=stop, shard=shard, follow_related=follow_related,
+                         related_depth=related_depth)
+
+
+def _run_sync(settings: Settings, ids: Iterable[str], run_id: str, *, skip_loaded: bool,
+              retry_failed: bool, migrate: bool, progress: Progress | None,
+              engine: Engine | None, stop: StopRequest | None, shard: tuple[int, int] | None,
+              follow_related: bool, related_depth: int) -> SyncSummary:
     validate(settings)
     require_api(settings)
     ids = _checked(ids)
@@ -194,7 +214,7 @@ def run_sync(
                                    _stored_links(engine) if skip_loaded else None)
             # The chains of the calls skipped as loaded go on from what is stored with them.
             found = related.after_stored(list(done))
-        recorder = runs.RunRecorder(engine, runs.new_run_id())
+        recorder = runs.RunRecorder(engine, run_id)
         summary = SyncSummary(recorder.run_id, runs.RUNNING, requested=len(ids),
                               skipped=len(ids) - len(todo),
                               database=display_url(settings.database_url),
@@ -220,6 +240,30 @@ def run_sync(
         progress.close()
         if own_engine:
             engine.dispose()
+
+
+def shard_rate(max_rps: float, num_shards: int) -> float:
+    """The request rate cap of one shard when `num_shards` processes (or Airflow tasks) share
+    `max_rps`, the cap for all of them together: `max_rps / num_shards`. 0 (no cap) stays 0.
+
+    Below the lowest cap the settings allow (0.1 per second: `config._MAX_RPS_RANGE`) each
+    shard gets 0.1, so that the shards together may send up to `num_shards * 0.1` requests a
+    second, more than `max_rps`; a warning says so. The alternative, refusing to run, would
+    fail a scheduled job over a rate that only matters to a tiny API quota.
+    """
+    if num_shards < 1:
+        raise InputError(f"the number of shards must be at least 1, got {num_shards}")
+    if max_rps == 0 or num_shards == 1:
+        return max_rps
+    each = max_rps / num_shards
+    low = _MAX_RPS_RANGE[0]
+    if each < low:
+        log.warning("max rps %g shared by %d shards would be %g each, below the lowest cap of "
+                    "%g: each shard sends up to %g requests/s, together up to %g", max_rps,
+                    num_shards, each, low, low, low * num_shards)
+        return low
+    log.info("max rps %g shared by %d shards: %g each", max_rps, num_shards, each)
+    return each
 
 
 def _stored_links(engine: Engine) -> StoredLinks:

@@ -1,4 +1,4 @@
-"""Pure functions from one API payload to the rows of the five data tables (SPEC section 1).
+"""Pure functions from one API payload to the rows of the five data tables (docs/design.md §1.2).
 
 No I/O and no clock: the fetch time and run id come in as arguments. Every vendor quirk is
 absorbed here: numbers sent as strings, both spellings of the voice id key, offsets turned into

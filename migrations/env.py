@@ -4,11 +4,23 @@ from a checkout reads the same configuration as `etl db upgrade`)."""
 
 from __future__ import annotations
 
+import logging
+from logging.config import fileConfig
+
 from alembic import context
 
 from etl.schema import metadata
 
 config = context.config
+
+# alembic.ini's logging sections are for `alembic ...` run from a checkout (README, Schema
+# changes), whose command line configures no logging of its own. `etl db upgrade` and
+# `etl sync` run migrations in-process with a Config built in code (no file name) after
+# etl.logs has set up logging: fileConfig would replace the handlers, the format (JSON lines
+# with --log-format json) and the levels of the application's logging. So only when Alembic
+# runs standalone: a config file, and no handler on the root logger yet.
+if config.config_file_name is not None and not logging.getLogger().handlers:
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 
 def run_migrations_online() -> None:

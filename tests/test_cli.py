@@ -1,4 +1,4 @@
-"""The `etl` command as a separate process: output, exit codes and messages (SPEC section 3)."""
+"""The `etl` command as a separate process: output, exit codes and messages (docs/design.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Several `etl sync` processes at once against one PostgreSQL database (SPEC section 5): no
+"""Several `etl sync` processes at once against one PostgreSQL database (docs/design.md §5.9): no
 deadlocks, no lost updates, and a schema upgrade that does not race."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Settings (etl/config.py, SPEC section 2): precedence, defaults, validation, masked secrets."""
+"""Settings (etl/config.py, docs/design.md §2): precedence, defaults, validation, masked secrets."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ batch_size = 123
 # -- defaults -------------------------------------------------------------------------------------
 
 
-def test_defaults_are_those_of_the_spec():
+def test_defaults_are_those_documented():
     s = load_settings(env={})
     assert s.base_url is None
     assert s.tenant_id is None

@@ -1,4 +1,4 @@
-"""Crash safety (SPEC section 5): a sync killed with SIGKILL at any moment, or whose database
+"""Crash safety (docs/design.md §5.10): a sync killed with SIGKILL at any moment, or whose database
 connections are terminated under it, loses nothing that was committed, and running the same
 command again leaves exactly the rows of an uninterrupted run.
 

@@ -1,8 +1,8 @@
-"""Faults injected by the simulator, end to end into PostgreSQL (SPEC sections 1, 3 and 5).
+"""Faults injected by the simulator, end to end into PostgreSQL (docs/design.md §1, §3 and §5).
 
 For each kind of fault a real service shows under load: every id the simulator can serve ends
 up `loaded` with exact values, every other id `failed` with the reason, retries wait as long as
-Retry-After says and stop at the attempt limit, and the exit code is the one SPEC names.
+Retry-After says and stop at the attempt limit, and the exit code is as docs/design.md §3.4 says.
 (The extractor's retry rules alone are pinned in test_extract.py.)
 """
 

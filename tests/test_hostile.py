@@ -1,4 +1,4 @@
-"""Hostile and malformed input (SPEC sections 1, 3 and 5): ids files with path tricks, odd
+"""Hostile and malformed input (docs/design.md §1, §3 and §5): ids files with path tricks, odd
 bytes and odd shapes; payloads with wrong types, wrong or missing ids, wrong shapes, huge
 strings, U+0000 and deep nesting. Every case has a clear outcome (exit code, status, reason),
 no traceback, and nothing already stored is damaged.

@@ -1,4 +1,4 @@
-"""Reading, validating and sharding call ids (etl/ids.py, SPEC section 3 `--ids-file`)."""
+"""Reading, validating and sharding call ids (etl/ids.py, docs/design.md §3.2 `--ids-file`)."""
 
 from __future__ import annotations
 

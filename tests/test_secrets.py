@@ -1,4 +1,4 @@
-"""Secrets and transport (SPEC section 2): the access token and the database password never
+"""Secrets and transport (docs/design.md §2.3): the access token and the database password never
 appear in stdout, stderr, logs, exception text or any table, whatever way a run ends; TLS
 certificates are verified unless a config file says otherwise, loudly.
 

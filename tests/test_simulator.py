@@ -840,3 +840,96 @@ def test_foreground_serve_forever_keeps_refusing_until_stop(session: requests.Se
     foreground.join(10)
     assert not foreground.is_alive()
     Simulator(port=s.port).stop()  # the port was released
+
+
+# -- the rate limit (Simulator(rate_limit=...), etl simulate --rate-limit) ------------------------
+
+
+def test_rate_limit_serves_the_burst_then_429_with_an_integer_retry_after(
+        session: requests.Session) -> None:
+    with Simulator(rate_limit=1, burst=3) as s:
+        answers = [get(session, s, "call-000001") for _ in range(5)]
+        assert [r.status_code for r in answers] == [200, 200, 200, 429, 429]
+        limited = answers[3]
+        assert limited.json() == {"error": "too many requests"}
+        assert limited.headers["Retry-After"] == "1"  # a token in up to 1 s, at least 1
+        assert s.rate_limited == 2
+        assert s.total_requests == 5
+        assert s.requests_for("call-000001") == 3  # the 429s never reached the API
+        # Checked before anything else: a request with wrong credentials gets 429 too.
+        assert session.get(f"{s.url}/v1/calls/x", headers={"x-commubo-accessToken": "no"},
+                           timeout=5).status_code == 429
+
+
+def test_rate_limit_retry_after_is_the_wait_for_a_token_rounded_up(
+        session: requests.Session) -> None:
+    with Simulator(rate_limit=0.4, burst=1) as s:  # a token every 2.5 s
+        assert get(session, s, "call-000001").status_code == 200
+        r = get(session, s, "call-000001")
+        assert (r.status_code, r.headers["Retry-After"]) == (429, "3")
+
+
+def test_a_429_takes_no_token(session: requests.Session) -> None:
+    with Simulator(rate_limit=1, burst=1) as s:
+        assert get(session, s, "call-000001").status_code == 200
+        assert [get(session, s, "call-000001").status_code for _ in range(5)] == [429] * 5
+        time.sleep(1.1)  # one token back: had the 429s taken tokens, 5 would be owed
+        assert get(session, s, "call-000001").status_code == 200
+
+
+def test_rate_limit_is_shared_by_all_connections() -> None:
+    with Simulator(rate_limit=0.5, burst=10) as s:
+        def one(_: int) -> int:
+            with requests.Session() as own:  # a connection of its own
+                own.headers.update(HEADERS)
+                return get(own, s, "call-000002").status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(one, range(16)))
+    assert sorted(statuses) == [200] * 10 + [429] * 6
+    assert s.rate_limited == 6
+
+
+def test_stats_count_requests_and_429s_per_second(session: requests.Session) -> None:
+    with Simulator(rate_limit=1, burst=2) as s:
+        for call_id in ("call-000001", "nf-stats", "call-000003", "call-000004"):
+            get(session, s, call_id)
+        missing = next(f"call-{i:06d}" for i in range(1000)
+                       if payload_for(f"call-{i:06d}") is None)
+        s.reset_counts()  # zeroes everything and fills the bucket again
+        assert s.stats()["requests"] == 0
+        for call_id in ("call-000001", missing, "call-000003"):
+            get(session, s, call_id)
+        # /_stats: no headers needed, not counted, not rate-limited.
+        r = requests.get(f"{s.url}/_stats", timeout=5)
+        assert r.status_code == 200
+        stats = r.json()
+        assert stats == s.stats()
+    assert {k: stats[k] for k in ("requests", "rate_limited", "rate_limit", "burst")} == {
+        "requests": 3, "rate_limited": 1, "rate_limit": 1, "burst": 2}
+    [second] = stats["per_second"]  # all within the first second
+    assert second == {"s": 0, "requests": 3, "ok": 1, "not_found": 1, "rate_limited": 1}
+
+
+def test_stats_without_a_rate_limit(sim: Simulator, session: requests.Session) -> None:
+    get(session, sim, "call-000001")
+    stats = requests.get(f"{sim.url}/_stats", timeout=5).json()
+    assert (stats["rate_limit"], stats["burst"], stats["rate_limited"]) == (0, None, 0)
+    assert stats["per_second"][0]["ok"] == 1
+    assert sim.total_requests == 1
+
+
+@pytest.mark.parametrize(("rate_limit", "burst"), [(300, 30), (5, 1), (0, None)])
+def test_default_burst_is_a_tenth_of_a_second(rate_limit: float, burst: float | None) -> None:
+    s = Simulator(rate_limit=rate_limit)
+    try:
+        assert s.burst == burst
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("kwargs", [{"rate_limit": -1}, {"rate_limit": float("inf")},
+                                    {"rate_limit": 10, "burst": 0.5}])
+def test_rejects_bad_rate_limits(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        Simulator(**kwargs)

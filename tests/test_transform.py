@@ -22,7 +22,7 @@ RUN_ID = "run-test"
 
 
 def documented_example() -> dict[str, Any]:
-    """The vendor's documented example: every field of SPEC section 1, numbers sent as strings,
+    """The vendor's documented example: every field of docs/design.md §1.2, numbers sent as strings,
     timestamps with +09:00 and Z offsets."""
     return {
         "callId": CALL_ID,

@@ -6,9 +6,13 @@ shard, so the id list itself never goes through XCom. All shards write to one Po
 loader takes its locks in a fixed order, so they never deadlock. `report` sums the shards' run
 summaries once every shard has finished, and fails the run when a shard did not finish cleanly.
 
-Needs (see docs/airflow.md): commubo-etl installed with the `airflow` extra on the workers, an
-HTTP connection `commubo_default` (host = API base URL, login = tenant id, password = access
-token) and a Postgres connection `commubo_warehouse`.
+Needs (see docs/airflow.md): commubo-etl installed with the `airflow` extra on the workers, a
+`commubo` connection `commubo_default` (Base URL, Tenant ID, Access token) and a Postgres
+connection `commubo_warehouse`.
+
+Each shard declares the warehouse's tables as assets (`WAREHOUSE_URI`) and attaches its counts
+to their events, so a DAG scheduled on `calls` (examples/dags/commubo_downstream.py) runs after
+new data landed. The shards are named "shard 1/4" ... "shard 4/4" in the UI.
 
 The ids file is, in this order: the `ids_file` param of a manual run ("Trigger DAG w/ config"),
 the Variable `commubo_ids_file`, else `/data/commubo/ids/<date of the run>.txt`.
@@ -17,6 +21,7 @@ the Variable `commubo_ids_file`, else `/data/commubo/ids/<date of the run>.txt`.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
@@ -31,6 +36,10 @@ log = logging.getLogger(__name__)
 # runs `concurrency` requests at once, so the API sees up to NUM_SHARDS * concurrency.
 # Airflow maps at most core.max_map_length (1024) tasks; the operator refuses more shards.
 NUM_SHARDS = 4
+
+# Where the commubo_warehouse connection points, as postgres://host:port/database: it names the
+# assets (one per table). Known when the DAG is parsed, unlike the connection.
+WAREHOUSE_URI = os.environ.get("COMMUBO_WAREHOUSE_URI", "postgres://db.internal:5432/warehouse")
 
 # dag_run.run_after, not `ds`: it is set for every run, also for a manual one without a
 # logical date.
@@ -67,7 +76,10 @@ with DAG(
         num_shards=NUM_SHARDS,
         api_conn_id="commubo_default",
         db_conn_id="commubo_warehouse",
+        warehouse_uri=WAREHOUSE_URI,
         concurrency=8,
+        # The API's request rate quota for all shards together (0 = none): each takes 1/4.
+        max_rps=0,
     ).expand(shard_index=list(range(NUM_SHARDS)))
 
     @task(trigger_rule=TriggerRule.ALL_DONE, retries=0, multiple_outputs=False)

@@ -94,6 +94,20 @@ def connections(monkeypatch: pytest.MonkeyPatch, sim: Simulator, pg_url: URL,
     return pg_url
 
 
+# Set by .ci/run for the Airflow step: a skip there (Airflow or OpenLineage not importable)
+# means the environment is broken, and must not pass as "nothing failed".
+REQUIRED = os.environ.get("ETL_AIRFLOW_TESTS_REQUIRED") == "1"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
+    if REQUIRED and skipped:
+        reporter.write_line(f"ETL_AIRFLOW_TESTS_REQUIRED=1 and {skipped} tests or modules were "
+                            "skipped: the Airflow environment is incomplete", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     # Airflow points its log handler at the stream pytest captured, which pytest has closed
     # by the time the embedded PostgreSQL (pgserver) logs its shutdown from an atexit hook:

@@ -2,7 +2,8 @@
 Airflow's CeleryExecutor with a Redis broker, a PostgreSQL metadata database, and the
 api-server, scheduler, dag-processor and two Celery workers as separate processes. A run over a
 few thousand ids must succeed, spread its shards over both workers, and account for every id in
-the warehouse.
+the warehouse; the shards are named "shard i/4" and emit an asset event per table with their
+counts (concrete assets: no alias, whose assets concurrent shards would race to create).
 
 Needs the `celery` extra, in an environment of its own as .ci/run does:
 `UV_PROJECT_ENVIRONMENT=.venv-celery uv run --locked --extra airflow --extra celery
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import importlib.metadata
+import json
 import os
 import secrets
 import shutil
@@ -68,6 +70,12 @@ import socket
 def hostname():
     return os.environ.get("ETL_CELERY_TEST_HOSTNAME") or socket.getfqdn()
 '''
+
+
+def _warehouse_uri(url: URL) -> str:
+    """postgres://host:port/database of the warehouse (a socket directory: localhost)."""
+    host = url.host if url.host and not url.host.startswith("/") else "localhost"
+    return f"postgres://{host}:{url.port or 5432}/{url.database}"
 
 
 def _skip(reason: str) -> None:
@@ -244,6 +252,8 @@ def test_example_dag_on_celery_workers_spreads_the_shards_and_loads_every_id(
         "AIRFLOW__OPERATORS__DEFAULT_QUEUE": queue,
         "AIRFLOW_CONN_COMMUBO_DEFAULT": api_connection(sim),
         "AIRFLOW_CONN_COMMUBO_WAREHOUSE": warehouse_connection(pg_url),
+        # The example DAG names its assets by it (read when the DAG is parsed).
+        "COMMUBO_WAREHOUSE_URI": _warehouse_uri(pg_url),
         "ETL_CONFIG": str(fast_config),
         "PYTHONPATH": str(pylib),
     })
@@ -350,6 +360,41 @@ def test_example_dag_on_celery_workers_spreads_the_shards_and_loads_every_id(
                                       "shards_succeeded")} == {
         "requested": len(IDS), **counts, "failed": 0, "shards": NUM_SHARDS,
         "shards_succeeded": NUM_SHARDS}, value
+
+    # The UI names the shards; each shard's asset events carry its run's counts.
+    names = {i: t.get("rendered_map_index") for i, t in shards.items()}
+    if names != {i: f"shard {i + 1}/{NUM_SHARDS}" for i in range(NUM_SHARDS)}:
+        stack.fail(f"the shards are not named as expected: {names}", summary())
+    events = (get(f"/api/v2/assets/events?source_dag_id={DAG_ID}&source_run_id={run_id}"
+                  "&limit=1000") or {}).get("asset_events", [])
+    per_table: dict[str, list[dict[str, Any]]] = {}
+    for event in events:
+        per_table.setdefault(event["uri"].rsplit("/", 1)[-1], []).append(event)
+    calls_events = per_table.get("calls", [])
+    if len(per_table) != 8 or {len(e) for e in per_table.values()} != {NUM_SHARDS} \
+            or sum(e["extra"]["loaded"] for e in calls_events) != counts["loaded"]:
+        stack.fail(f"expected {NUM_SHARDS} asset events for each of 8 tables, the calls ones "
+                   f"adding up to {counts['loaded']} loaded; got "
+                   f"{ {t: [e['extra'].get('loaded') for e in v] for t, v in per_table.items()} }",
+                   summary())
+
+    # The task logs (JSON lines, as Airflow writes them) carry the shard on every line of the
+    # sync, and the run id on every line of the run, so a log shipper can pick a shard out.
+    shards_summaries = {i: (get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/sync/"
+                                f"xcomEntries/return_value?map_index={i}&deserialize=true")
+                            or {}).get("value") or {} for i in range(NUM_SHARDS)}
+    for index in range(NUM_SHARDS):
+        logs = list((home / "logs").glob(
+            f"dag_id={DAG_ID}/run_id={run_id}/task_id=sync/map_index={index}/*.log"))
+        lines = [json.loads(line) for log in logs for line in log.read_text().splitlines()
+                 if line.startswith("{")]
+        ours = [line for line in lines if str(line.get("logger", "")).startswith("etl.")]
+        # run_id is Airflow's there (the DAG run's): ours is etl_run_id, once the run began.
+        run_ids = {line.get("etl_run_id") for line in ours} - {None}
+        if not ours or run_ids != {shards_summaries[index]["run_id"]} or \
+                {line.get("shard") for line in ours} != {f"{index + 1}/{NUM_SHARDS}"}:
+            stack.fail(f"the task log of shard {index} lacks run_id or shard on the etl lines: "
+                       f"{ours[:3]}", summary())
 
     by_host = {h: sorted(i for i, t in shards.items() if t["hostname"] == h) for h in WORKERS}
     with capsys.disabled():
