@@ -17,11 +17,13 @@ finding the limit finds the rate the API sustains.
   since the last cut means that cut was not enough: `backoff` squared (at the start, from the
   concurrency down to the API's rate in two or three round trips).
 * **Additive increase**: +1 per round trip's worth of answers (as many as the limit), while
-  every place is taken. Near the level where the last 429 came (0.8 to 1.2 times it), +1 per
-  `probe` (8) round trips only: each probe past the API's rate costs a 429 or two, and probing
-  slower there makes those cycles longer (in benchmarks/rate_limited.py: 429s from about 2% to
-  0.5% of requests at the same throughput). Beyond that band (a higher rate granted later),
-  +1 per round trip again.
+  every place is taken. Near the rate where the last 429 came (limit / smoothed round trip
+  within 0.8 to 1.2 times the rate in flight then), +1 per `probe` (8) round trips only: each
+  probe past the API's rate costs a 429 or two, and probing slower there makes those cycles
+  longer (in benchmarks/rate_limited.py: 429s from about 2% to 0.5% of requests at the same
+  throughput). A rate, not a number of requests: when the round trip grows (a slower API, a
+  busy client), more requests in flight are needed for the same rate, and the limit grows at
+  full speed to them. Outside the band (a higher rate granted later), +1 per round trip.
 * **Pacing, once a 429 came**: sends at least srtt / (`pacing_gain` (1.25) x limit) apart, so
   a round trip's requests are spread over most of it instead of going out in one clump that
   overflows the API's burst allowance while the rate is below its limit (with a long round
@@ -121,8 +123,9 @@ class AdaptiveLimit:
         self._pacing_gain = pacing_gain
         self._srtt: float | None = None
         self._next_send = 0.0
-        # What was in flight when the limit was last cut: the increase slows down near it.
-        self._ceiling: int | None = None
+        # The rate (requests in flight / srtt) when a 429 last cut the limit: the increase
+        # slows down near it.
+        self._ceiling: float | None = None
         self._clock = clock
         self._name = name
         self._cond = threading.Condition(threading.Lock())
@@ -246,16 +249,17 @@ class AdaptiveLimit:
         # never reached is never tested, and would only grow.
         if self._limit < self.max_limit and self._in_flight + 1 >= self._limit:
             self._acked += 1
-            near = (self._ceiling is not None
-                    and _NEAR_BELOW * self._ceiling <= self._limit <= _NEAR_ABOVE * self._ceiling)
+            rate = self._limit / self._srtt if self._srtt else None
+            near = (self._ceiling is not None and rate is not None
+                    and _NEAR_BELOW * self._ceiling <= rate <= _NEAR_ABOVE * self._ceiling)
             if self._acked >= self._limit * (self._probe if near else 1):
                 self._set(self._limit + 1)
                 log.debug("%s %d -> %d", self._name, self._limit - 1, self._limit)
 
     def _cut(self, base: int, factor: float, why: str, *, from_429: bool) -> None:
         """Cut the limit to `base` (what was in flight) times `factor`, at least by one. A
-        429 marks `base` as where the API's limit is (the increase slows down near it); a
-        latency cut does not (latency is a softer sign: grow back at full speed)."""
+        429 marks the rate of `base` as where the API's limit is (the increase slows down
+        near it); a latency cut does not (a softer sign: grow back at full speed)."""
         new = max(self.min_limit, min(self._limit - 1, math.floor(base * factor)))
         if new >= self._limit:  # already at the floor
             self._epoch += 1
@@ -264,7 +268,9 @@ class AdaptiveLimit:
         grown = self._grown
         self._set(new)
         if from_429:
-            self._ceiling = base
+            # Where the API's limit is, as a rate: the concurrency that reaches it changes
+            # with the round trip (a slower API, a busy client), the rate does not.
+            self._ceiling = base / self._srtt if self._srtt else None
         else:
             self._grown = grown  # a 429 after this one is not "again without growth"
         self._epoch += 1

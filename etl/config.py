@@ -1,4 +1,4 @@
-"""Settings: defaults < config file < environment < command-line options (SPEC section 2).
+"""Settings: defaults < config file < environment < command-line options (docs/design.md §2).
 
 Built once into a frozen `Settings`; secrets are held in `Secret`, whose repr and str mask them,
 and the database URL is a SQLAlchemy `URL`, whose repr hides the password.
@@ -62,7 +62,7 @@ class Settings:
     max_attempts: int = 5
     max_requests_per_s: float = 0.0
     batch_size: int = 500
-    # Not in SPEC's table, documented in config.example.toml: retry pacing and TLS.
+    # API settings without a command-line option (docs/design.md §2.2): retry pacing, limits, TLS.
     backoff_s: float = 0.5
     max_backoff_s: float = 30.0
     retry_after_cap_s: float = 120.0
@@ -301,6 +301,11 @@ def normalize_database_url(url: str | URL) -> URL:
         parsed = parsed.set(drivername="postgresql+psycopg")
     elif parsed.drivername.startswith("postgres+"):
         parsed = parsed.set(drivername="postgresql+" + parsed.drivername.split("+", 1)[1])
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() != "psycopg":
+        # The loader speaks psycopg 3 (binary COPY): another driver, even when installed (dlt
+        # brings psycopg2), would fail in the middle of the first batch.
+        raise ConfigError(f"database driver {parsed.drivername!r} is not supported: write "
+                          "postgresql://... (psycopg 3)")
     return parsed
 
 

@@ -42,7 +42,7 @@ def make_engine(url: URL) -> Engine:
             connect_args={"connect_timeout": 10, "application_name": "commubo-etl"},
         )
     except (NoSuchModuleError, ImportError):
-        # postgresql+psycopg2:// is the form most docs show, and psycopg2 is not installed.
+        # A driver that is not installed (config refuses other PostgreSQL drivers already).
         raise ConfigError(
             f"database driver {url.drivername!r} is not installed: commubo-etl uses psycopg 3, "
             "write postgresql://... (or postgresql+psycopg://...)") from None

@@ -1,6 +1,6 @@
 """Loading fetched calls into the warehouse: one transaction per batch, upserts in a fixed key
 order, newest snapshot wins, the newest fetch of a call wins, and a bad row isolated instead of
-failing its batch (SPEC section 5).
+failing its batch (docs/design.md §5).
 
 Dialect differences (PostgreSQL vs SQLite upsert) live in `_execute`/`_statement` and nowhere
 else.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +33,8 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -75,8 +77,15 @@ LOADED = "loaded"
 # Waits before retrying a batch whose connection dropped or that hit a transient error
 # (deadlock, serialization failure, server restart); then the run stops with exit 3.
 RECONNECT_DELAYS_S = (0.5, 2.0, 5.0)
-# Call ids per IN (...) list when looking up stored fetch times.
+# Keys per IN (...) list in a lookup.
 _LOOKUP_CHUNK = 5000
+# Columns of the data tables that record a fetch, not what was fetched (only `calls` has them).
+# A stored row whose other columns all equal the incoming ones is left as it is: no new row
+# version, index entries, WAL or dead tuple for vacuum, so a rerun that finds nothing changed
+# writes no data row. These columns then tell when the content last changed (the fetch that
+# brought it), not when it was last fetched; etl_call_status records every fetch. A new
+# bookkeeping column on a data table belongs here, or every rerun rewrites every row again.
+BOOKKEEPING_COLUMNS = frozenset({"fetched_at", "run_id"})
 
 
 @dataclass(slots=True)
@@ -84,7 +93,8 @@ class _Item:
     """One call id on its way into a transaction: its rows (if any) and its status row.
     `fetched_at` is when the answer arrived, or for an outcome that does not say (404s and
     failures), when the batch reached the loader: no earlier than the answer. `superseded` is
-    set by the transaction that found a newer fetch of the call stored, or in the batch."""
+    set by the transaction that found a newer fetch of the call stored (its status stays), or
+    in the batch."""
 
     call_id: str
     status: str
@@ -95,11 +105,6 @@ class _Item:
     fetched_at: datetime
     superseded: bool = False
     warnings: str | None = None  # what falls outside the API doc, "; "-joined
-
-
-class _Overtaken(Exception):
-    """A newer fetch of a call whose 404 or failure this batch was recording committed while
-    the batch wrote its statuses: the batch must be written again."""
 
 
 class _RowRejected(Exception):
@@ -176,16 +181,8 @@ class Loader:
                 with self.engine.connect() as conn:
                     if self._postgres:
                         self._ensure_stages(conn)
-                    while True:
-                        try:
-                            with conn.begin():
-                                self._write(conn, items)
-                            break
-                        except _Overtaken:
-                            # Rolled back; written again, the newer fetch is now seen. Each
-                            # round needs another newer fetch to commit meanwhile.
-                            log.debug("a newer fetch committed meanwhile; writing the batch "
-                                      "again")
+                    with conn.begin():
+                        self._write(conn, items)
                 return
             except (DataError, IntegrityError) as exc:
                 raise _RowRejected(describe_db_error(exc, self.engine.url)) from None
@@ -280,14 +277,29 @@ class Loader:
             self._execute(conn, call_types, "code", "nothing", [
                 {"code": code, "name": "unknown", "description": "Not in the API doc; first "
                  "seen in a fetched call."} for code in sorted(unknown_types)])
+        # A customer or operator this batch brings nothing new for is left alone, not even
+        # locked (_settled); the others are upserted and so locked, also when their row stays.
+        settled = self._settled(
+            conn, customers, "customer_id", {k: r.customer for k, r in customer_rows.items()},
+            customer_versions, customer_versions_,
+            numbers={k: [p["phone_number"] for p in r.phone_numbers]
+                     for k, r in customer_rows.items() if r.phones_given})
+        customer_rows = {k: r for k, r in customer_rows.items() if k not in settled}
+        customer_versions_ = {v: row for v, row in customer_versions_.items()
+                              if v[0] not in settled}
+        settled = self._settled(conn, operators, "operator_id", operator_rows,
+                                operator_versions, operator_versions_)
+        operator_rows = {k: r for k, r in operator_rows.items() if k not in settled}
+        operator_versions_ = {v: row for v, row in operator_versions_.items()
+                              if v[0] not in settled}
         if customer_rows:
             ordered = [customer_rows[k] for k in sorted(customer_rows)]
-            won = self._execute(conn, customers, "customer_id", "newest",
-                                [r.customer for r in ordered])
+            self._execute(conn, customers, "customer_id", "newest",
+                          [r.customer for r in ordered])
             # A customer's phone numbers go with its winning snapshot, and only then; a
-            # snapshot without the phoneNumbers key says nothing about them.
-            renumbered = {r.customer["customer_id"] for r in ordered
-                          if r.phones_given and r.customer["customer_id"] in won}
+            # snapshot without the phoneNumbers key says nothing about them. Only lists that
+            # differ from the stored one are written.
+            renumbered = self._renumbered(conn, [r for r in ordered if r.phones_given])
             if renumbered:
                 conn.execute(delete(customer_phone_numbers).where(
                     customer_phone_numbers.c.customer_id.in_(sorted(renumbered))))
@@ -304,43 +316,38 @@ class Loader:
                           [operator_rows[k] for k in sorted(operator_rows)])
         if operator_versions_:
             self._add_versions(conn, operator_versions, "operator_id", operator_versions_)
-        if call_rows:
-            # Two runs fetching one call may commit in the opposite order of their fetches:
-            # the stored row is replaced only by a fetch at least as new.
-            written = self._execute(conn, calls, "call_id", "newest_fetch",
-                                    [call_rows[k] for k in sorted(call_rows)]) or set()
-            for call_id in call_rows.keys() - written:
-                newest[call_id].superseded = True
-
-        # A call's status follows the same rule: it tells the outcome of the newest fetch and
-        # names the run that wrote the row (`etl failures`, --retry-failed and --skip-loaded
-        # must not act on a 404 or failure older than a stored load). A loaded status goes
-        # with its row: a row not written writes no status. A 404 or failure writes none over
-        # a call fetched after it (its time is a bound, see _Item); a load that wins its row
-        # does replace a 404 or failure, whose exact time is unknown. That lookup takes no
-        # lock, so it is made again once the status rows are held: if a newer fetch
-        # committed in between, the batch is written again (_Overtaken).
-        pending = [i for i in newest.values() if i.rows is None]
-        for call_id in self._fetched_after(conn, pending):
-            newest[call_id].superseded = True
-        pending = [i for i in pending if not i.superseded]
+        # The newest fetch of a call wins, whichever of two runs commits last: what it brought
+        # stays, also when a later fetch found the same content and left the row alone (the
+        # row then keeps the fetch that brought it: BOOKKEEPING_COLUMNS). The call's status
+        # row is where runs writing one call meet. Each transaction writes its statuses first
+        # (before its calls), each only over a status fetched no later (`fetched_at`), and
+        # holds every one of those rows locked to its end, also where the status stays. So a
+        # second transaction writing a call waits for the first, and then decides with the
+        # first's status and row committed: no lookup can be overtaken by a newer fetch.
         now = datetime.now(UTC)
-        statuses = {i.call_id: {"call_id": i.call_id, "status": i.status,
-                                "http_status": i.http_status,
-                                # A reason may quote what the server sent (a value, a phrase).
-                                "error": printable(i.error, 500) if i.error else None,
-                                "attempts": i.attempts, "warnings": i.warnings,
-                                "run_id": self.run_id, "updated_at": now}
-                    for i in newest.values() if not i.superseded}
-        if statuses:
-            self._execute(conn, etl_call_status, "call_id", "update",
-                          [statuses[k] for k in sorted(statuses)])
-        if self._fetched_after(conn, pending):
-            raise _Overtaken
+        statuses = [{"call_id": i.call_id, "status": i.status, "http_status": i.http_status,
+                     # A reason may quote what the server sent (a value, a phrase).
+                     "error": printable(i.error, 500) if i.error else None,
+                     "attempts": i.attempts, "warnings": i.warnings, "run_id": self.run_id,
+                     "updated_at": now, "fetched_at": i.fetched_at}
+                    for i in sorted(newest.values(), key=lambda i: i.call_id)]
+        written = self._execute(conn, etl_call_status, "call_id", "newest_fetch",
+                                statuses) or set()
+        gave_way = [i for i in newest.values() if i.call_id not in written]
+        for item in gave_way:
+            item.superseded = True
+        # A load whose status gave way to a newer fetch brings its content all the same when
+        # that fetch was a 404 or a failure: the row holds the newest content fetched (and
+        # only over content fetched no later, by calls.fetched_at). After a newer load it
+        # brings nothing: that load's content, or the same content if it left the row alone.
+        newer_loads = self._loaded(conn, [i.call_id for i in gave_way if i.rows is not None])
+        if call_rows.keys() - newer_loads:
+            self._execute(conn, calls, "call_id", "newest_fetch",
+                          [call_rows[k] for k in sorted(call_rows.keys() - newer_loads)])
         superseded = sum(i.superseded for i in items)
         if superseded:
-            log.debug("%d outcome(s) older than the stored fetch of their call: row and status "
-                      "left as they were", superseded)
+            log.debug("%d outcome(s) older than the stored fetch of their call: status left "
+                      "as it was", superseded)
         # The run's counters count each outcome as this run got it, committed once with its
         # batch, also when a newer fetch was already stored: an older load is still `loaded`
         # for this run (the call is in the warehouse, as of this fetch or newer) and an
@@ -354,6 +361,82 @@ class Loader:
         # Staged as JSON text for PostgreSQL's COPY; SQLite's JSON type takes the list.
         return _version(r.customer, phone_numbers=(
             _json(numbers) if self._postgres and numbers is not None else numbers))
+
+    def _settled(self, conn: Connection, table: Table, key: str,
+                 rows: dict[str, dict[str, Any]], versions_table: Table,
+                 versions: dict[tuple[str, datetime], dict[str, Any]],
+                 numbers: dict[str, list[str | None]] | None = None) -> set[str]:
+        """The keys of `rows` (customers or operators) this batch has nothing to write for:
+        the stored row has the same content (BOOKKEEPING_COLUMNS aside) or a newer snapshot,
+        every version of them in the batch is stored, and (customers, same content) the
+        stored phone numbers are those of `numbers`, where given. They are left out, so not
+        locked: read without a lock, which is safe as nothing of them is written. A
+        concurrent run changing one meanwhile holds a snapshot at least as new (or the same
+        time: a tie, which the last writer wins anyway), and writes its row, versions and
+        numbers under its own lock."""
+        names = _content_columns(table)
+        same: set[str] = set()
+        older: set[str] = set()  # the stored snapshot is newer: this one writes no row
+        for chunk in _chunks(sorted(rows)):
+            for stored in conn.execute(select(table.c[key], *(table.c[n] for n in names))
+                                       .where(table.c[key].in_(chunk))).mappings():
+                incoming = rows[stored[key]]
+                if all(_comparable(stored[n]) == incoming[n] for n in names):
+                    same.add(stored[key])
+                elif not _same_or_newer(incoming, {"updated_date_time": _comparable(
+                        stored["updated_date_time"])}):
+                    older.add(stored[key])
+        settled = same | older
+        dated: dict[str, set[datetime]] = {}
+        for entity, when in versions:
+            if entity in settled:
+                dated.setdefault(entity, set()).add(when)
+        for chunk in _chunks(sorted(dated)):
+            for entity, when in conn.execute(
+                    select(versions_table.c[key], versions_table.c.updated_date_time)
+                    .where(versions_table.c[key].in_(chunk))):
+                dated[entity].discard(_utc(when))
+        settled.difference_update(entity for entity, missing in dated.items() if missing)
+        if numbers:
+            given = sorted(settled.intersection(same).intersection(numbers))
+            stored_numbers: dict[str, list[str | None]] = {k: [] for k in given}
+            for chunk in _chunks(given):
+                for customer_id, number in conn.execute(
+                        select(customer_phone_numbers.c.customer_id,
+                               customer_phone_numbers.c.phone_number)
+                        .where(customer_phone_numbers.c.customer_id.in_(chunk))
+                        .order_by(customer_phone_numbers.c.customer_id,
+                                  customer_phone_numbers.c.position)):
+                    stored_numbers[customer_id].append(number)
+            settled.difference_update(k for k in given if stored_numbers[k] != numbers[k])
+        return settled
+
+    def _renumbered(self, conn: Connection, candidates: list[CallRows]) -> set[str]:
+        """The customers among `candidates` (snapshots with a phoneNumbers key, just upserted)
+        whose phone numbers must be replaced: the snapshot won (the stored row is the same
+        snapshot or an older one's, as `_same_or_newer` decides; an unchanged row was not
+        rewritten but still counts) and its list differs from the stored one. The customers'
+        rows are locked by now, so what is read stays until the transaction ends."""
+        incoming = {r.customer["customer_id"]: r for r in candidates}
+        stored_at: dict[str, datetime | None] = {}
+        stored_numbers: dict[str, list[str | None]] = {}
+        joined = customers.outerjoin(
+            customer_phone_numbers,
+            customer_phone_numbers.c.customer_id == customers.c.customer_id)
+        for chunk in _chunks(sorted(incoming)):
+            for customer_id, updated, position, number in conn.execute(
+                    select(customers.c.customer_id, customers.c.updated_date_time,
+                           customer_phone_numbers.c.position,
+                           customer_phone_numbers.c.phone_number)
+                    .select_from(joined).where(customers.c.customer_id.in_(chunk))
+                    .order_by(customers.c.customer_id, customer_phone_numbers.c.position)):
+                stored_at[customer_id] = _comparable(updated)
+                numbers = stored_numbers.setdefault(customer_id, [])
+                if position is not None:
+                    numbers.append(number)
+        return {customer_id for customer_id, r in incoming.items()
+                if _same_or_newer(r.customer, {"updated_date_time": stored_at[customer_id]})
+                and stored_numbers[customer_id] != [p["phone_number"] for p in r.phone_numbers]}
 
     def _add_versions(self, conn: Connection, table: Table, key: str,
                       versions: dict[tuple[str, datetime], dict[str, Any]]) -> None:
@@ -376,16 +459,15 @@ class Loader:
                 table.c.valid_to.is_distinct_from(following.c.next_from),
             ).values(valid_to=following.c.next_from))
 
-    def _fetched_after(self, conn: Connection, items: list[_Item]) -> set[str]:
-        """The ids of `items` whose stored call was fetched after the item."""
-        when = {i.call_id: i.fetched_at for i in items}
-        ids = sorted(when)
+    @staticmethod
+    def _loaded(conn: Connection, call_ids: list[str]) -> set[str]:
+        """Which of `call_ids` have the status `loaded` (their rows are held by this
+        transaction: what it reads stays until it ends)."""
         found: set[str] = set()
-        for start in range(0, len(ids), _LOOKUP_CHUNK):
-            rows = conn.execute(select(calls.c.call_id, calls.c.fetched_at).where(
-                calls.c.call_id.in_(ids[start:start + _LOOKUP_CHUNK])))
-            found.update(call_id for call_id, fetched_at in rows
-                         if _utc(fetched_at) > when[call_id])
+        for chunk in _chunks(sorted(call_ids)):
+            found.update(conn.execute(select(etl_call_status.c.call_id).where(
+                etl_call_status.c.call_id.in_(chunk),
+                etl_call_status.c.status == LOADED)).scalars())
         return found
 
     def _execute(self, conn: Connection, table: Table, key: str, mode: str,
@@ -393,7 +475,8 @@ class Loader:
         """Write `rows` (already sorted by key) to `table`. Modes: "insert"; "nothing" (keep
         the stored row); "update" (the new row wins); "newest" (the newer snapshot by
         `updated_date_time` wins) and "newest_fetch" (the newer fetch by `fetched_at` wins),
-        which return the keys actually written."""
+        which return the keys actually written. In the data tables a row whose content is
+        stored is not written by the last two."""
         stmt = self._statements.get((table.name, mode))
         if stmt is None:
             stmt = self._statements[(table.name, mode)] = self._statement(table, key, mode)
@@ -402,6 +485,11 @@ class Loader:
             # per table: a round trip per table and batch instead of one per row, and COPY is
             # the cheapest way into PostgreSQL on both ends.
             self._stage(conn, table, rows)
+            if table is etl_call_status and mode == "newest_fetch":
+                conn.execute(stmt)
+                # The block leaves in the stage the statuses that gave way to a newer fetch.
+                stage = _STAGES[table.name]
+                return {r[key] for r in rows} - set(conn.execute(select(stage.c[key])).scalars())
             result = conn.execute(stmt)
         else:
             result = conn.execute(stmt, rows)
@@ -435,12 +523,26 @@ class Loader:
             raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
 
     def _statement(self, table: Table, key: str, mode: str):
+        if self._postgres and table is etl_call_status and mode == "newest_fetch":
+            return text(_status_block())
         if self._postgres:
             stage = _STAGES[table.name]
             # JSON (`raw`: the body as received) is staged as text and parsed into jsonb here.
-            source = select(*(cast(c, JSONB) if isinstance(table.c[c.name].type, JSON) else c
-                              for c in stage.columns)
-                            ).order_by(*(stage.c[k.name] for k in table.primary_key.columns))
+            staged = {c.name: cast(c, JSONB) if isinstance(table.c[c.name].type, JSON) else c
+                      for c in stage.columns}
+            source = select(*staged.values()).order_by(
+                *(stage.c[k.name] for k in table.primary_key.columns))
+            if mode == "newest_fetch" and table is calls:
+                # A call whose stored row has the same content is left out: not written, and
+                # not even locked, which would write WAL too (a full-page image of its page
+                # after each checkpoint). Its status row, written before, is locked (_write).
+                # A scalar subquery, looked up by the primary key for each staged row: a
+                # NOT EXISTS would be planned as an anti-join hashing the whole table.
+                names = _content_columns(table)
+                stored = select(tuple_(*(table.c[n] for n in names))).where(
+                    table.c[key] == stage.c[key]).scalar_subquery()
+                source = source.where(stored.is_distinct_from(
+                    tuple_(*(staged[n] for n in names))))
             stmt = pg_insert(table).from_select([c.name for c in table.columns], source)
         else:
             stmt = sqlite_insert(table)
@@ -455,17 +557,62 @@ class Loader:
         if mode == "update":
             return stmt.on_conflict_do_update(index_elements=[key], set_=changes)
         if mode == "newest_fetch":
-            # A stored row is replaced only by a fetch as new or newer (never NULL). The row
-            # is locked even when it stays, so a later writer still waits for this one.
+            # A stored row is replaced only by a fetch as new or newer (never NULL).
             where = table.c.fetched_at <= stmt.excluded.fetched_at
+            if table is etl_call_status:
+                # SQLite (PostgreSQL: _status_block). Every fetch writes its status, changed
+                # or not; on PostgreSQL a status that stays would be locked all the same.
+                return stmt.on_conflict_do_update(
+                    index_elements=[key], set_=changes, where=where,
+                ).returning(table.c[key])
         else:
             # A stored row is replaced only by a snapshot as new or newer; NULL counts as
             # oldest.
             stored, incoming = table.c.updated_date_time, stmt.excluded.updated_date_time
             where = or_(stored.is_(None), and_(incoming.is_not(None), incoming >= stored))
+        # ...and only when its content differs (PostgreSQL: a call with the same content is
+        # already left out of `source`). A row that stays is locked all the same, so a later
+        # writer still waits for this one; RETURNING names the rows written.
         return stmt.on_conflict_do_update(
-            index_elements=[key], set_=changes, where=where,
+            index_elements=[key], set_=changes, where=and_(where, _changed(table, stmt)),
         ).returning(table.c[key])
+
+
+def _status_block() -> str:
+    """PostgreSQL: write the staged statuses, each over a status fetched no later, in key
+    order, and delete from the stage those written (a temporary table: no WAL).
+
+    A plain UPDATE of a stored status, not INSERT ... ON CONFLICT DO UPDATE, which first locks
+    the row and so writes a WAL record of its own (XLOG_HEAP_LOCK) before the update's: on a
+    rerun, one status update per id is most of what is written (benchmarks/rerun_writes.py).
+    Row by row, so that the rows are locked in key order, as everywhere in a batch (a joined
+    UPDATE would lock them in the order of its plan). A status not there to update is
+    inserted; ON CONFLICT catches one a concurrent run inserted (and then waits for it), and
+    one that gives way to a newer fetch: that row is locked all the same, which is what
+    serialises the writers of one call (_write)."""
+    stage = _STAGES[etl_call_status.name].name
+    names = [c.name for c in etl_call_status.columns]
+    set_from_row = ", ".join(f"{n} = r.{n}" for n in names if n != "call_id")
+    set_from_excluded = ", ".join(f"{n} = excluded.{n}" for n in names if n != "call_id")
+    return f"""DO $etl$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT ctid AS staged, * FROM {stage} ORDER BY call_id LOOP
+        UPDATE etl_call_status SET {set_from_row}
+            WHERE call_id = r.call_id AND fetched_at <= r.fetched_at;
+        IF NOT FOUND THEN
+            INSERT INTO etl_call_status ({", ".join(names)})
+                VALUES ({", ".join(f"r.{n}" for n in names)})
+                ON CONFLICT (call_id) DO UPDATE SET {set_from_excluded}
+                WHERE etl_call_status.fetched_at <= excluded.fetched_at;
+        END IF;
+        IF FOUND THEN
+            DELETE FROM {stage} WHERE ctid = r.staged;
+        END IF;
+    END LOOP;
+END
+$etl$"""
 
 
 def _reraise_interrupt(exc: BaseException) -> None:
@@ -522,6 +669,33 @@ _STAGES = {t.name: _stage_table(t) for t in (
     operator_versions, calls, etl_call_status)}
 _COPY_TYPES = {name: [_copy_type(c.type) for c in stage.columns]
                for name, stage in _STAGES.items()}
+
+
+def _chunks(keys: list[str]) -> Iterator[list[str]]:
+    """`keys` in lists short enough for one IN (...) each."""
+    for start in range(0, len(keys), _LOOKUP_CHUNK):
+        yield keys[start:start + _LOOKUP_CHUNK]
+
+
+def _comparable(value: Any) -> Any:
+    """A stored value as the transform makes it: SQLite hands back naive UTC datetimes."""
+    return _utc(value) if isinstance(value, datetime) else value
+
+
+def _content_columns(table: Table) -> list[str]:
+    """The columns that hold what was fetched: all but the key and the bookkeeping."""
+    return [c.name for c in table.columns
+            if c.name not in BOOKKEEPING_COLUMNS and not c.primary_key]
+
+
+def _changed(table: Table, stmt: Any) -> Any:
+    """Whether the incoming row (`excluded`) differs from the stored one in content: one row
+    comparison, NULLs equal to each other. `raw` compares as jsonb on PostgreSQL (the same
+    JSON value in other text is equal, and so are key orders and numbers such as 1 and 1.0:
+    the stored text then stays) and as JSON text on SQLite."""
+    names = _content_columns(table)
+    return tuple_(*(table.c[n] for n in names)).is_distinct_from(
+        tuple_(*(stmt.excluded[n] for n in names)))
 
 
 def _version(snapshot: dict[str, Any], **more: Any) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 # The newest migration in migrations/versions: bump it with every new migration (a test
 # checks it against Alembic's head). It lets `etl sync` see "schema current" without
 # importing Alembic.
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 
 # Named constraints so that later migrations can refer to them on every backend.
 metadata = MetaData(
@@ -271,10 +271,16 @@ calls = Table(
            comment="The call object exactly as the API sent it (JSON; U+0000 removed), with "
                    "every field, including ones the columns do not model and the original "
                    "time offsets."),
+    # fetched_at and run_id are bookkeeping (etl.load.BOOKKEEPING_COLUMNS): a fetch that finds
+    # the other columns unchanged leaves the row alone, so they name the fetch that brought
+    # the content (last changed); etl_call_status records every fetch (last fetched).
     Column("fetched_at", Instant, nullable=False,
-           comment="When the answer this row holds arrived (UTC); a row is replaced only by a "
-                   "fetch at least as new."),
-    Column("run_id", Text, nullable=False, comment="The run that fetched it (etl_runs.run_id)."),
+           comment="When the answer that brought this content arrived (UTC): the last change, "
+                   "not the last fetch (etl_call_status.fetched_at). Other content replaces it "
+                   "only when fetched at least as late as this and as the call's newest load."),
+    Column("run_id", Text, nullable=False,
+           comment="The run that brought this content (etl_runs.run_id); the run of the last "
+                   "fetch is etl_call_status.run_id."),
     Index(None, "call_date_time"),
     Index(None, "customer_id"),
     Index(None, "operator_id"),
@@ -320,6 +326,13 @@ etl_runs = Table(
     comment="One row per etl sync run: its counts, where it ran, and how it ended.",
 )
 
+# Written on every fetch of a call, so on a rerun that changes nothing it is the one table
+# written: one row update per id. Its indexes hold no column a rerun changes (run_id,
+# attempts, fetched_at, updated_at), and its pages are filled only to STATUS_FILLFACTOR, so
+# that such an update finds room on its page and is HOT: no index entry, a small WAL record.
+# Migration 0004 sets both on databases made before; benchmarks/rerun_writes.py measures it.
+STATUS_FILLFACTOR = 50
+
 etl_call_status = Table(
     "etl_call_status",
     metadata,
@@ -332,14 +345,23 @@ etl_call_status = Table(
     Column("error", Text, comment="Why the fetch or the load failed, in one line."),
     Column("attempts", SmallInteger, nullable=False,
            comment="Requests made for the id in its last run."),
-    Column("run_id", Text, nullable=False, comment="The run that wrote this status."),
-    Column("updated_at", Instant, nullable=False, comment="When this status was written (UTC)."),
+    Column("run_id", Text, nullable=False,
+           comment="The run of the newest fetch, whose outcome this is (etl_runs.run_id); not "
+                   "indexed: etl failures --run finds a run's failures by status."),
+    Column("updated_at", Instant, nullable=False,
+           comment="When this status was last written (UTC; the loader's clock, a moment "
+                   "after fetched_at)."),
     Column("warnings", Text, comment="Values outside what the API doc allows in the loaded "
            "call, '; '-separated; NULL when none."),
+    Column("fetched_at", Instant, nullable=False,
+           comment="When the newest fetch of the call ended (UTC): its answer arrived or its "
+                   "last attempt failed. A status is replaced only by a fetch at least as new, "
+                   "whichever run commits last. Statuses written before migration 0004: when "
+                   "they were written (updated_at)."),
     Index(None, "status"),
-    Index(None, "run_id"),
     comment="The last outcome of every call id ever asked for: what etl failures, "
             "--skip-loaded and --retry-failed read.",
+    postgresql_with={"fillfactor": STATUS_FILLFACTOR},
 )
 
 DATA_TABLES = (scenarios, call_types, customers, customer_phone_numbers, customer_versions,

@@ -410,9 +410,6 @@ def test_the_citation_pattern_reads_lists() -> None:
     assert found == [["1", "3", "5"], ["3.4"], ["2"]]
 
 
-@pytest.mark.xfail(strict=True, reason="references not yet replaced: the SPEC citations in "
-                   "etl/ and tests/ still point at the contract outside the repository; "
-                   "remove this mark once they cite docs/design.md")
 def test_nothing_cites_the_contract_outside_the_repository() -> None:
     this = Path(__file__).resolve()
     found = []

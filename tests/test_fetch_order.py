@@ -33,6 +33,9 @@ from etl.transform import transform
 OLDER_AT = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 NEWER_AT = OLDER_AT + timedelta(seconds=30)
 NO_COUNTS = {"loaded": 0, "not_found": 0, "failed": 0, "warnings": 0}
+# How the statement that writes a batch's statuses starts (etl.load._status_block), the
+# first of a batch's statements on a call: pg_stat_activity shows it waiting for a lock.
+STATUS_WRITE = "DO $etl$"
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -200,8 +203,8 @@ def test_a_404_without_a_time_gives_way_only_to_a_fetch_after_its_batch(engine: 
 
 def test_a_404_recorded_while_a_newer_fetch_commits_gives_way(pg_engine: Engine,
                                                               pg_url: URL) -> None:
-    # The 404's lookup of the stored call runs before the newer fetch commits, and its status
-    # write waits for that commit and then overwrites: the second lookup catches it.
+    # The 404's status write waits for the newer fetch's batch, which holds the call's status
+    # row, and then finds that fetch's status stored: it gives way.
     older_run, newer_run = start_run(pg_engine), start_run(pg_engine)
     not_found = Outcome("call-x", NOT_FOUND, http_status=404, attempts=1, fetched_at=OLDER_AT)
     # The pool is left last, so that a failure releases the lock before waiting for threads.
@@ -213,7 +216,7 @@ def test_a_404_recorded_while_a_newer_fetch_commits_gives_way(pg_engine: Engine,
         newer = pool.submit(Loader(pg_engine, newer_run).load, [ok(payload(2), NEWER_AT)])
         wait_for(lambda: waiting_on_a_lock(watcher, "UPDATE etl_runs"), "the newer batch")
         older = pool.submit(Loader(pg_engine, older_run).load, [not_found])
-        wait_for(lambda: waiting_on_a_lock(watcher, "INSERT INTO etl_call_status"),
+        wait_for(lambda: waiting_on_a_lock(watcher, STATUS_WRITE),
                  "the 404's status write")
         lock.rollback()
         newer_counts, older_counts = newer.result(timeout=60), older.result(timeout=60)
@@ -222,6 +225,99 @@ def test_a_404_recorded_while_a_newer_fetch_commits_gives_way(pg_engine: Engine,
     assert (status["status"], status["run_id"]) == ("loaded", newer_run)
     assert stored_call(pg_engine) == expected_call(payload(2), NEWER_AT, newer_run)
     assert (newer_counts, older_counts) == (counts(loaded=1), counts(not_found=1))
+
+
+# -- a fetch that found the content unchanged is the newest fetch all the same ---------------
+# It leaves the call's row alone (calls.fetched_at stays the time of the fetch that brought the
+# content) and records its own time in etl_call_status.fetched_at: an outcome fetched before it
+# but committed after it must give way, though it is newer than the row.
+
+BROUGHT_AT = OLDER_AT - timedelta(minutes=1)  # the content is brought
+BETWEEN_AT = OLDER_AT  # an outcome fetched in between, committed last
+AGAIN_AT = NEWER_AT  # the same content fetched again, committed first
+
+BETWEEN = {
+    "not-found": lambda: Outcome("call-x", NOT_FOUND, http_status=404, attempts=1,
+                                 fetched_at=BETWEEN_AT),
+    "failed": lambda: Outcome("call-x", FAILED, http_status=500, attempts=5,
+                              error="HTTP 500 (gave up after 5 attempts)",
+                              fetched_at=BETWEEN_AT),
+    # The source changed, and changed back before the fetch that found the content unchanged.
+    "other-content": lambda: ok(payload(2), BETWEEN_AT),
+}
+BETWEEN_COUNTS = {"not-found": counts(not_found=1), "failed": counts(failed=1),
+                  "other-content": counts(loaded=1)}
+
+
+def assert_the_unchanged_load_stays(engine: Engine, brought_run: str, again_run: str) -> None:
+    # The row as its content was brought; the status of the fetch that found it unchanged.
+    assert stored_call(engine) == expected_call(payload(1), BROUGHT_AT, brought_run)
+    status = status_of(engine)
+    assert (status["status"], status["run_id"], status["fetched_at"], status["error"]) == (
+        "loaded", again_run, AGAIN_AT, None)
+
+
+@pytest.mark.parametrize("kind", BETWEEN)
+def test_an_outcome_fetched_before_an_unchanged_load_and_committed_after_it_gives_way(
+        engine: Engine, kind: str) -> None:
+    brought_run, again_run, late_run = start_run(engine), start_run(engine), start_run(engine)
+    Loader(engine, brought_run).load([ok(payload(1), BROUGHT_AT)])
+    assert Loader(engine, again_run).load([ok(payload(1), AGAIN_AT)]) == counts(loaded=1)
+
+    got = Loader(engine, late_run).load([BETWEEN[kind]()])
+
+    assert_the_unchanged_load_stays(engine, brought_run, again_run)
+    # The late run still counts what it got.
+    assert got == counters(engine, late_run) == BETWEEN_COUNTS[kind]
+
+
+@pytest.mark.parametrize("kind", BETWEEN)
+def test_an_outcome_fetched_before_an_unchanged_load_waits_for_it_and_gives_way(
+        pg_engine: Engine, pg_url: URL, kind: str) -> None:
+    # Interleaved: the late outcome's batch starts while the unchanged load's batch, which
+    # wrote no row and so locked none, holds the call's status row. The late batch waits
+    # there, then finds the newer fetch's status committed and gives way: no status, and
+    # (other content) no row.
+    brought_run, again_run, late_run = (start_run(pg_engine) for _ in range(3))
+    Loader(pg_engine, brought_run).load([ok(payload(1), BROUGHT_AT)])
+    with (ThreadPoolExecutor(2) as pool,
+          psycopg.connect(conninfo(pg_url), autocommit=True) as watcher,
+          psycopg.connect(conninfo(pg_url)) as lock):
+        # The unchanged load's batch writes its status, then waits at its counters.
+        lock.execute("SELECT 1 FROM etl_runs WHERE run_id = %s FOR UPDATE", (again_run,))
+        again = pool.submit(Loader(pg_engine, again_run).load, [ok(payload(1), AGAIN_AT)])
+        wait_for(lambda: waiting_on_a_lock(watcher, "UPDATE etl_runs"),
+                 "the unchanged load's batch")
+        late = pool.submit(Loader(pg_engine, late_run).load, [BETWEEN[kind]()])
+        wait_for(lambda: waiting_on_a_lock(watcher, STATUS_WRITE),
+                 "the late outcome's status write")
+        lock.rollback()
+        again_counts, late_counts = again.result(timeout=60), late.result(timeout=60)
+
+    assert_the_unchanged_load_stays(pg_engine, brought_run, again_run)
+    assert (again_counts, late_counts) == (counts(loaded=1), BETWEEN_COUNTS[kind])
+
+
+def test_a_load_older_than_a_stored_404_brings_its_content_and_leaves_the_404(
+        engine: Engine) -> None:
+    # The row holds the newest content fetched; the status tells the newest fetch. So a late
+    # load with other content, fetched after the stored row's and before the 404, writes its
+    # row but not its status (the 404's time is known: etl_call_status.fetched_at).
+    brought_run, gone_run, late_run = start_run(engine), start_run(engine), start_run(engine)
+    Loader(engine, brought_run).load([ok(payload(1), BROUGHT_AT)])
+    Loader(engine, gone_run).load([Outcome("call-x", NOT_FOUND, http_status=404, attempts=1,
+                                           fetched_at=AGAIN_AT)])
+
+    assert Loader(engine, late_run).load([ok(payload(2), BETWEEN_AT)]) == counts(loaded=1)
+
+    assert stored_call(engine) == expected_call(payload(2), BETWEEN_AT, late_run)
+    status = status_of(engine)
+    assert (status["status"], status["run_id"], status["fetched_at"]) == (
+        "not_found", gone_run, AGAIN_AT)
+    # An older load still brings nothing: the row holds newer content.
+    Loader(engine, start_run(engine)).load([ok(payload(3), BROUGHT_AT)])
+    assert stored_call(engine) == expected_call(payload(2), BETWEEN_AT, late_run)
+    assert status_of(engine) == status
 
 
 # -- two `etl sync` processes, the first to fetch committing last ----------------------------
@@ -266,19 +362,21 @@ def test_a_sync_that_fetched_first_and_commits_last_leaves_the_newer_fetches(
     first_ids, second_ids = tmp_path / "first.txt", tmp_path / "second.txt"
     first_ids.write_text("call-a\ncall-b\ncall-c\n")
     second_ids.write_text("call-b\ncall-c\n")
-    # call-a is stored, so that a row lock on it can hold the first sync's batch: calls are
-    # written in key order, so that batch waits at call-a before it touches call-b or call-c.
-    Loader(pg_engine, start_run(pg_engine)).load([ok(payload(1, "call-a"), datetime.now(UTC))])
+    # call-a is stored, so that a lock on its status row can hold the first sync's batch: a
+    # batch writes its statuses first, in key order, so it waits at call-a before it touches
+    # call-b or call-c. It is stored with other content than the API answers, so that the
+    # first sync's fetch writes the row too.
+    Loader(pg_engine, start_run(pg_engine)).load([ok(payload(0, "call-a"), datetime.now(UTC))])
 
     with (psycopg.connect(conninfo(pg_url), autocommit=True) as watcher,
           psycopg.connect(conninfo(pg_url)) as lock):
-        lock.execute("SELECT 1 FROM calls WHERE call_id = %s FOR UPDATE", ("call-a",))
+        lock.execute("SELECT 1 FROM etl_call_status WHERE call_id = %s FOR UPDATE", ("call-a",))
         first = subprocess.Popen(
             [sys.executable, "-m", "etl", "sync", "--config", str(fast_config), "--ids-file",
              str(first_ids), "--json"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            wait_for(lambda: waiting_on_a_lock(watcher, "INSERT INTO calls")
+            wait_for(lambda: waiting_on_a_lock(watcher, STATUS_WRITE)
                      or first.poll() is not None, "the first sync's batch")
             assert first.poll() is None, first.stderr.read() if first.stderr else ""
             # It holds the first fetches of call-b and call-c (a 404), not yet committed.
@@ -292,7 +390,7 @@ def test_a_sync_that_fetched_first_and_commits_last_leaves_the_newer_fetches(
             assert api.requests == {"call-a": 1, "call-b": 2, "call-c": 2}
             # The second sync fetched later and committed first; the first still waits.
             assert stored_call(pg_engine, "call-b")["run_id"] == second_run
-            assert waiting_on_a_lock(watcher, "INSERT INTO calls")
+            assert waiting_on_a_lock(watcher, STATUS_WRITE)
         finally:
             lock.rollback()
             stdout, stderr = first.communicate(timeout=120)
@@ -300,12 +398,9 @@ def test_a_sync_that_fetched_first_and_commits_last_leaves_the_newer_fetches(
     summary = json.loads(stdout)
     first_run = summary["run_id"]
 
-    # The first sync's batch did commit, after the second sync had ended...
+    # The first sync's batch did commit (it still waited when the second sync had ended)...
     assert stored_call(pg_engine, "call-a")["run_id"] == first_run
-    with pg_engine.connect() as conn:
-        second_ended = aware(conn.execute(select(etl_runs.c.finished_at).where(
-            etl_runs.c.run_id == second_run)).mappings().one())["finished_at"]
-    assert status_of(pg_engine, "call-a")["updated_at"] > second_ended
+    assert status_of(pg_engine, "call-a")["run_id"] == first_run
     # ...and the newer fetches stayed, rows and statuses; each run counts what it got.
     for call_id in ("call-b", "call-c"):
         row = stored_call(pg_engine, call_id)

@@ -1,5 +1,5 @@
 """The Alembic migrations: they build exactly `etl.schema.metadata`, with the `call_details` view,
-from a checkout and from an installed wheel (SPEC section 4)."""
+from a checkout and from an installed wheel (docs/design.md §4.4)."""
 
 from __future__ import annotations
 
@@ -9,20 +9,20 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from helpers import ROOT, etl_env, run_etl
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import DateTime, Engine, column, inspect, select, table, text
 from sqlalchemy.engine import URL
 
 from etl import db, runs
 from etl.load import Loader
 from etl.outcome import OK, Outcome
-from etl.schema import metadata
+from etl.schema import etl_call_status, metadata
 from etl.simulator import Simulator, payload_for
 
 
@@ -56,6 +56,66 @@ def _schema(engine: Engine) -> dict[str, list]:
     return {t: [(c["name"], str(c["type"]), c["nullable"]) for c in insp.get_columns(t)]
             + sorted(i["name"] for i in insp.get_indexes(t))
             for t in insp.get_table_names()}
+
+
+def test_0004_times_the_stored_statuses_and_gives_their_updates_room(engine: Engine) -> None:
+    # A warehouse at 0003 with statuses in it: each gets fetched_at, the time it was written
+    # (no earlier than its fetch); the index on run_id goes; PostgreSQL rewrites the table
+    # into pages filled to 50%. SQLite rebuilds the table, so its views are set aside and
+    # made again. And back.
+    from alembic import command
+
+    postgres = engine.dialect.name == "postgresql"
+    with engine.connect() as conn, db.migration_transaction(conn):
+        command.upgrade(db.alembic_config(conn), "0003")
+    written = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
+    old = table("etl_call_status", *(column(n) for n in (
+        "call_id", "status", "http_status", "error", "attempts", "run_id")),
+        column("updated_at", DateTime(timezone=True)))
+    with engine.begin() as conn:
+        conn.execute(old.insert(), [
+            {"call_id": "c-1", "status": "loaded", "http_status": 200, "error": None,
+             "attempts": 1, "run_id": "old-run", "updated_at": written},
+            {"call_id": "c-2", "status": "failed", "http_status": 500, "error": "HTTP 500",
+             "attempts": 5, "run_id": "old-run", "updated_at": written + timedelta(minutes=1)}])
+    views = set(inspect(engine).get_view_names())
+    assert "call_links" in views
+
+    db.upgrade(engine)
+
+    with engine.connect() as conn:
+        stored = [(r.call_id, r.status, _utc(r.fetched_at), _utc(r.updated_at))
+                  for r in conn.execute(select(etl_call_status).order_by("call_id"))]
+        assert conn.execute(text("SELECT count(*) FROM call_links")).scalar_one() == 0
+        fillfactor = (conn.execute(text("SELECT reloptions FROM pg_class WHERE oid = "
+                                        "'etl_call_status'::regclass")).scalar_one()
+                      if postgres else None)
+    assert stored == [("c-1", "loaded", written, written),
+                      ("c-2", "failed", written + timedelta(minutes=1),
+                       written + timedelta(minutes=1))]
+    insp = inspect(engine)
+    assert {i["name"] for i in insp.get_indexes("etl_call_status")} == {
+        "ix_etl_call_status_status"}
+    assert set(insp.get_view_names()) == views
+    assert fillfactor == (["fillfactor=50"] if postgres else None)
+
+    with engine.connect() as conn, db.migration_transaction(conn):
+        command.downgrade(db.alembic_config(conn), "0003")
+    insp = inspect(engine)
+    assert "fetched_at" not in {c["name"] for c in insp.get_columns("etl_call_status")}
+    assert {i["name"] for i in insp.get_indexes("etl_call_status")} == {
+        "ix_etl_call_status_status", "ix_etl_call_status_run_id"}
+    assert set(insp.get_view_names()) == views
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM etl_call_status")).scalar_one() == 2
+        if postgres:
+            assert conn.execute(text("SELECT reloptions FROM pg_class WHERE oid = "
+                                     "'etl_call_status'::regclass")).scalar_one() is None
+    assert db.upgrade(engine) == ("0003", db.head_revision())
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 def test_call_details_view_returns_calls_with_customer_and_operator_names(

@@ -144,21 +144,36 @@ def test_no_increase_while_the_limit_is_not_in_use():
     assert limit.limit == 48
 
 
-def test_increase_slows_down_near_the_limit_where_429s_came():
+def _cut_at_400_per_s() -> tuple[AdaptiveLimit, Saturated]:
+    """A limit cut by a 429 with 20 requests in flight at 50 ms: 400/s is where it came."""
     limit = AdaptiveLimit(64, clock=Clock())
+    client = Saturated(limit)
+    client.round_trip(0.050)
+    client.drain()
     tickets = take(limit, 20)
-    limit.release(tickets[0], LIMITED)  # 20 in flight: 15, and 20 is the ceiling
+    limit.release(tickets[0], LIMITED)
     for t in tickets[1:]:
         limit.release(t, IGNORE)
     assert limit.limit == 15
-    client = Saturated(limit)
-    client.round_trip()
-    assert limit.limit == 16  # below 0.8 x 20: +1 per round trip
+    return limit, client
+
+
+def test_increase_slows_down_near_the_rate_where_429s_came():
+    limit, client = _cut_at_400_per_s()
+    client.round_trip(0.050)
+    assert limit.limit == 16  # 15 / 50 ms = 300/s, below 0.8 x 400/s: +1 per round trip
     for _ in range(7):
-        client.round_trip()
-    assert limit.limit == 16  # from 16 to 24: +1 per 8 round trips
-    client.round_trip()
+        client.round_trip(0.050)
+    assert limit.limit == 16  # from 320/s to 480/s: +1 per 8 round trips
+    client.round_trip(0.050)
     assert limit.limit == 17
+
+
+def test_a_longer_round_trip_gets_more_in_flight_for_the_same_rate_at_full_speed():
+    limit, client = _cut_at_400_per_s()
+    for _ in range(12):  # the round trip doubles (a slower API, a busy client): 16 in
+        client.round_trip(0.100)  # flight are 160/s, far below where the 429s came
+    assert limit.limit == 27
 
 
 def test_bounds_never_below_one_never_above_the_maximum():

@@ -210,7 +210,7 @@ def test_bad_database_urls_exit_2_in_one_line_before_any_request(
         "unknown role": (pg_url.set(username="no_such_role_here"),
                          'role "no_such_role_here" does not exist'),
         "psycopg2 driver": (pg_url.set(drivername="postgresql+psycopg2"),
-                            "database driver 'postgresql+psycopg2' is not installed"),
+                            "database driver 'postgresql+psycopg2' is not supported"),
         "no schema on the search_path": (
             pg_url.update_query_dict({"options": "-csearch_path=no_such_schema"}),
             "no schema of the search_path (no_such_schema) exists"),

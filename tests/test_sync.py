@@ -206,7 +206,11 @@ def test_second_run_changes_nothing_in_the_data_tables(
     assert dump(engine) == before
     assert (second.loaded, second.not_found, second.failed) == (
         first.loaded, first.not_found, first.failed)
-    assert set(table(engine, calls)[k]["run_id"] for k in before["calls"]) == {second.run_id}
+    # Nothing changed: the rows name the run that brought their content, the statuses the
+    # last fetch.
+    assert set(table(engine, calls)[k]["run_id"] for k in before["calls"]) == {first.run_id}
+    assert set(table(engine, etl_call_status)[k]["run_id"] for k in before["calls"]) == {
+        second.run_id}
 
 
 def test_everything_loads_despite_random_faults(pg_url: URL, engine_for) -> None:

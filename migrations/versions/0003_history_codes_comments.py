@@ -124,11 +124,16 @@ def _quote(text: str) -> str:
 
 
 def _comment_everything() -> None:
+    inspector = sa.inspect(op.get_bind())
     for table in schema.metadata.sorted_tables:
         op.execute(f"COMMENT ON TABLE {table.name} IS {_quote(table.comment)}")
+        # A column a later migration adds (etl_call_status.fetched_at, 0004) is not there yet:
+        # that migration comments it.
+        present = {c["name"] for c in inspector.get_columns(table.name)}
         for column in table.columns:
-            op.execute(f"COMMENT ON COLUMN {table.name}.{column.name} IS "
-                       f"{_quote(column.comment)}")
+            if column.name in present:
+                op.execute(f"COMMENT ON COLUMN {table.name}.{column.name} IS "
+                           f"{_quote(column.comment)}")
     for view in views.VIEWS:
         op.execute(f"COMMENT ON VIEW {view.name} IS {_quote(view.comment)}")
         for name, _, comment in view.columns:
