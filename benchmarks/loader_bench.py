@@ -60,7 +60,7 @@ def bench_loader(db_url: str, outcomes: list[Outcome], batch_size: int) -> dict:
         warm.start(requested=len(outcomes) // 2, skipped=0)
         for batch in _batches(outcomes[::2], batch_size):
             Loader(engine, warm.run_id).load(batch)
-        warm.finish(runs.SUCCEEDED)
+        warm.finish(runs.RunStatus.SUCCEEDED)
 
         run = runs.RunRecorder(engine, runs.new_run_id())
         run.start(requested=len(outcomes), skipped=0)
@@ -70,7 +70,7 @@ def bench_loader(db_url: str, outcomes: list[Outcome], batch_size: int) -> dict:
         for batch in _batches(outcomes, batch_size):
             loaded += loader.load(batch).get("loaded", 0)
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        run.finish(runs.SUCCEEDED)
+        run.finish(runs.RunStatus.SUCCEEDED)
         with engine.connect() as conn:
             rows = conn.execute(select(func.count()).select_from(calls)).scalar_one()
     finally:

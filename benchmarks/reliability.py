@@ -19,10 +19,15 @@ from another run, and compared with every row:
 
 - lost: ids whose call row is missing or differs, or whose status is not the expected one
   (`loaded`, `not_found`, or `failed` for what can never load);
-- duplicated: rows beyond one per key, in every data and status table;
+- inconsistent: rows that break an invariant the loader keeps (`etl.testing.inconsistencies`):
+  a call row without its status or a `loaded` status without its row, rows naming a run that
+  does not exist or beyond what their run counted, a completed run whose counters do not add
+  up (a batch counted twice), overlapping or gapped validity in the history tables or two
+  versions valid from one moment (a version written twice), rows naming a customer, operator,
+  scenario or version not stored;
 - stale: customers, phone lists, operators and scenarios that are not the newest snapshot.
 
-The exit code is 1 when anything was lost, duplicated or stale, a check failed (an exit
+The exit code is 1 when anything was lost, inconsistent or stale, a check failed (an exit
 code, an attempt limit, a Retry-After wait, a kill that missed the run, an error text, a raw
 control character, a peak RSS, the time a stop took) or a scenario could not run.
 """
@@ -68,12 +73,12 @@ from harness import (
 )
 from harness import start as start_child
 
-from etl.simulator import ESCAPE_REASON, Simulator, payload_for
+from etl.simulator import ESCAPE_REASON, Simulator, payload_for, random_fault
 from etl.testing import (
     TimedSimulator,
     Warehouse,
-    duplicated_rows,
     expected_warehouse,
+    inconsistencies,
     lost_ids,
     stale_entities,
     stored_warehouse,
@@ -130,7 +135,7 @@ class Result:
     failed_expected: int = 0
     not_found: int = 0
     lost: int = 0
-    duplicated: int = 0
+    inconsistent: int = 0
     stale: int = 0
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -142,11 +147,12 @@ class Result:
 
     @property
     def ok(self) -> bool:
-        return not self.problems and not (self.lost or self.duplicated or self.stale)
+        return not self.problems and not (self.lost or self.inconsistent or self.stale)
 
 
-def tally(result: Result, want: Warehouse, got: Warehouse, duplicated: int) -> Result:
-    """Fill the row counts of `result` from the expected and the stored warehouse."""
+def tally(result: Result, want: Warehouse, got: Warehouse, broken: dict[str, int]) -> Result:
+    """Fill the row counts of `result` from the expected and the stored warehouse, and from
+    the invariants the stored one breaks (`etl.testing.inconsistencies`)."""
     result.requested = len(want.statuses)
     result.loaded = sum(1 for i, s in want.statuses.items()
                         if s == "loaded" and got.statuses.get(i) == "loaded")
@@ -156,11 +162,16 @@ def tally(result: Result, want: Warehouse, got: Warehouse, duplicated: int) -> R
                            if s == "not_found" and got.statuses.get(i) == "not_found")
     lost = lost_ids(want, got)
     stale = stale_entities(want, got)
-    result.lost, result.stale, result.duplicated = len(lost), len(stale), duplicated
+    broken = {what: n for what, n in broken.items() if n}
+    result.lost, result.stale = len(lost), len(stale)
+    result.inconsistent = sum(broken.values())
     if lost:
         result.notes.append(f"lost ids (first 5): {', '.join(lost[:5])}")
     if stale:
         result.notes.append(f"stale (first 5): {', '.join(stale[:5])}")
+    if broken:
+        result.notes.append("inconsistent: " + ", ".join(f"{n} {what}"
+                                                         for what, n in broken.items()))
     return result
 
 
@@ -227,13 +238,13 @@ class Rel(Context):
     def judge(self, result: Result, db: str, call_ids: list[str], seed: int = 0,
               failing: list[str] = ()) -> Result:
         want = expected_warehouse(call_ids, seed, failing)
-        return tally(result, want, stored_warehouse(db), duplicated_rows(db))
+        return tally(result, want, stored_warehouse(db), inconsistencies(db))
 
     def record(self, result: Result, started: float, finished: float | None = None) -> Result:
         result.duration_s = (finished or time.monotonic()) - started
         state = "ok" if result.ok else "PROBLEM: " + "; ".join(result.problems)
         log(f"{result.scenario}: {result.times} x {result.injected}; lost {result.lost}, "
-            f"duplicated {result.duplicated}, stale {result.stale}; {state}")
+            f"inconsistent {result.inconsistent}, stale {result.stale}; {state}")
         return result
 
 
@@ -411,7 +422,7 @@ def random_faults(ctx: Rel) -> Results:
     # Ids whose first `attempts` requests all fault cannot load: the simulator's choice is
     # a function of (seed, id, attempt), so they are known in advance.
     failing = [i for i in ids if payload_for(i, seed) is not None
-               and all(_fault(seed, i, a, rate) for a in range(attempts))]
+               and all(random_fault(seed, i, a, rate) for a in range(attempts))]
     with Simulator(fault_rate=rate, seed=seed, retry_after_s=0) as sim, \
             ctx.database("random_faults") as db:
         config = ctx.config("random", max_attempts=attempts, concurrency=8,
@@ -421,7 +432,7 @@ def random_faults(ctx: Rel) -> Results:
         for i in ids:
             if payload_for(i, seed) is not None:
                 for a in range(sim.requests_for(i)):
-                    kinds[_fault(seed, i, a, rate) or "none"] += 1
+                    kinds[random_fault(seed, i, a, rate) or "none"] += 1
         kinds.pop("none", None)
         result = Result("random faults", f"each request faulted with p = {rate}: "
                         + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())),
@@ -452,7 +463,7 @@ def dead_api(ctx: Rel) -> Results:
         result = Result("dead API", "every connection refused (the port bound, never "
                         "listening), default api settings", 1)
         # A run that reached nothing must leave nothing: judged against an empty warehouse.
-        tally(result, Warehouse(), stored_warehouse(db), duplicated_rows(db))
+        tally(result, Warehouse(), stored_warehouse(db), inconsistencies(db))
         result.requested = len(ids)
         requests, stored = dead.total_requests, watcher.committed()
     line = _one_line(result, stderr)
@@ -832,17 +843,6 @@ def _controls(text: str) -> list[str]:
 
 
 
-# TODO(simulator): once etl.simulator has a public function for its random-fault draw, use it
-# here and drop this copy and the import of the private _RANDOM_FAULTS:
-#     def random_fault(seed: int, call_id: str, attempt: int, fault_rate: float) -> str | None
-def _fault(seed: int, call_id: str, attempt: int, rate: float) -> str | None:
-    """The simulator's draw for an ordinary id's request (see etl/simulator.py)."""
-    from etl.simulator import _RANDOM_FAULTS
-
-    rng = random.Random(f"{seed}:{call_id}:{attempt}")
-    return rng.choice(_RANDOM_FAULTS) if rng.random() < rate else None
-
-
 class Watcher:
     """An autocommit session beside the syncs of one database."""
 
@@ -939,12 +939,12 @@ def render(results: Results, info: dict[str, str], args: argparse.Namespace, com
            started: datetime, took_s: float, loads: tuple[float, float]) -> str:
     rows: list[Result] = results.records
     lost = sum(r.lost for r in rows)
-    duplicated = sum(r.duplicated for r in rows)
+    inconsistent = sum(r.inconsistent for r in rows)
     stale = sum(r.stale for r in rows)
     problems = [f"{r.scenario}: {p}" for r in rows for p in r.problems]
-    verdict = ("**Nothing was lost, duplicated or left stale, and every check held.**"
-               if not (lost or duplicated or stale or problems or results.failures) else
-               f"**FAILED: {lost} lost, {duplicated} duplicated, {stale} stale, "
+    verdict = ("**Nothing was lost, inconsistent or left stale, and every check held.**"
+               if not (lost or inconsistent or stale or problems or results.failures) else
+               f"**FAILED: {lost} lost, {inconsistent} inconsistent, {stale} stale, "
                f"{len(problems)} failed check(s), {len(results.failures)} scenario(s) that "
                "could not run.**")
     out = report_header("Reliability report", "reliability.py", started=started,
@@ -962,14 +962,14 @@ def render(results: Results, info: dict[str, str], args: argparse.Namespace, com
     out += ["", verdict, ""]
     out += markdown_table(
         ["scenario", "what was injected", "times", "ids requested", "loaded",
-         "failed as expected", "not found", "lost", "duplicated", "stale snapshots"],
+         "failed as expected", "not found", "lost", "inconsistent", "stale snapshots"],
         [[r.scenario, r.injected, f"{r.times:,}", f"{r.requested:,}", f"{r.loaded:,}",
-          f"{r.failed_expected:,}", f"{r.not_found:,}", _mark(r.lost), _mark(r.duplicated),
+          f"{r.failed_expected:,}", f"{r.not_found:,}", _mark(r.lost), _mark(r.inconsistent),
           _mark(r.stale)] for r in rows]
         + [["**total**", "", f"{sum(r.times for r in rows):,}",
             f"{sum(r.requested for r in rows):,}", f"{sum(r.loaded for r in rows):,}",
             f"{sum(r.failed_expected for r in rows):,}", f"{sum(r.not_found for r in rows):,}",
-            _mark(lost), _mark(duplicated), _mark(stale)]],
+            _mark(lost), _mark(inconsistent), _mark(stale)]],
         align="llrrrrrrrr")
     if results.failures:
         out += ["", "## Scenarios that could not run", ""]
@@ -1002,7 +1002,7 @@ METHOD = [
     "`failed` for what can never load (a persistent 500, bodies that are not a call, values "
     "the columns cannot hold, ids whose faults outlast the attempts). Then every row is read "
     "back (`etl/testing.py`: `expected_warehouse`, `stored_warehouse`, `lost_ids`, "
-    "`stale_entities`, `duplicated_rows`, the same checks the test suite uses):",
+    "`stale_entities`, `inconsistencies`, the same checks the test suite uses):",
     "",
     "- **times**: faults the simulator actually served (counted per request: a hostile body "
     "is one), kills that hit a running sync, signals that hit a hanging sync, sessions "
@@ -1010,8 +1010,18 @@ METHOD = [
     "- **loaded / failed as expected / not found**: ids whose status is the expected one;",
     "- **lost**: ids whose call row is missing or differs in any column (`fetched_at` and "
     "`run_id` aside), or whose status is not the expected one;",
-    "- **duplicated**: rows beyond one per key in `calls`, `customers`, "
-    "`customer_phone_numbers`, `operators`, `scenarios` and `etl_call_status`;",
+    "- **inconsistent**: rows that break an invariant the loader keeps, whatever was "
+    "killed or rerun (the primary keys rule out a second row per key, so that is not "
+    "counted): a call row without its status or a `loaded` status without its call row; a "
+    "call row or status naming a run not in `etl_runs`, or more of them naming a run than it "
+    "counted; a completed run whose counters do not add up (requested + related = loaded + "
+    "not found + failed + skipped: a batch written again and counted twice breaks it); in "
+    "`customer_versions` and `operator_versions`, a version not valid from its own "
+    "`updated_date_time`, two versions of one entity valid from the same moment, or a "
+    "`valid_to` other than the next version's `valid_from` (an overlap, a gap, a second open "
+    "version: what a version written twice or out of turn leaves); a customer or operator "
+    "not at its newest version; a version, phone number or call naming a customer, "
+    "operator, scenario or version not stored; phone positions other than 0..n-1;",
     "- **stale snapshots**: customers, phone lists, operators and scenarios that differ from "
     "the newest snapshot served.",
     "",

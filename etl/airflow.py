@@ -50,7 +50,15 @@ from .config import (
     normalize_database_url,
     with_overrides,
 )
-from .errors import AuthError, ConfigError, FatalError, InputError, Interrupted
+from .errors import (
+    AuthError,
+    ConfigError,
+    EtlError,
+    ExitCode,
+    FatalError,
+    InputError,
+    Interrupted,
+)
 from .ids import read_ids, select_shard, shard_ids
 from .logs import log_context, shard_label
 from .progress import LogProgress
@@ -285,7 +293,8 @@ class CommuboSyncOperator(BaseOperator):
         """Airflow calls this from its SIGTERM handler (and on a task timeout): only set the
         stop request, which is safe there; the run ends at its next check (a quarter second),
         records itself as interrupted, and `execute` raises."""
-        self._stop.stop("killed by Airflow (timeout, mark failed or SIGTERM)", 143)
+        self._stop.stop("killed by Airflow (timeout, mark failed or SIGTERM)",
+                        ExitCode.TERMINATED)
 
     # -- the parts of execute, public so they can be checked on their own ---------------------
 
@@ -370,10 +379,9 @@ class CommuboSyncOperator(BaseOperator):
                                 display_url(settings.database_url))
                 events[outlet].extra = {**extra, "table": _table_of(outlet)}
 
-    def _push_partial(self, context: Context, exc: BaseException) -> None:
-        summary: SyncSummary | None = getattr(exc, "summary", None)
-        if summary is not None:
-            self._push(context, summary.to_dict())
+    def _push_partial(self, context: Context, exc: EtlError) -> None:
+        if exc.summary is not None:
+            self._push(context, exc.summary.to_dict())
 
     def _push(self, context: Context, result: dict[str, Any]) -> None:
         ti = context.get("ti")

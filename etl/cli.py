@@ -23,7 +23,7 @@ from sqlalchemy.exc import DBAPIError
 
 from . import db, runs
 from .config import DEFAULT_DATABASE_URL, Settings, display_url, load_settings, with_overrides
-from .errors import DatabaseError, EtlError, InputError, Interrupted
+from .errors import DatabaseError, EtlError, ExitCode, InputError, Interrupted
 from .ids import read_ids, select_shard
 from .logs import FORMATS, json_logging, log_context, setup_logging, shard_label
 from .schema import SCHEMA_REVISION
@@ -154,9 +154,8 @@ def sync(ctx: click.Context, ids_file: str | None, config: str | None, db_url: s
                                shard=(shard_index, num_shards), follow_related=follow_related,
                                related_depth=related_depth or DEFAULT_RELATED_DEPTH)
     except EtlError as exc:
-        partial = getattr(exc, "summary", None)
-        if partial is not None:
-            _print_summary(partial, as_json)
+        if exc.summary is not None:
+            _print_summary(exc.summary, as_json)
         raise
     _print_summary(summary, as_json)
     ctx.exit(summary.exit_code)
@@ -402,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
         code = exc.exit_code
     except (click.Abort, KeyboardInterrupt) as exc:  # click turns Ctrl-C into Abort
         _say("etl: interrupted; what was committed stays committed", logging.WARNING)
-        code = getattr(exc, "exit_code", 130)
+        code = getattr(exc, "exit_code", ExitCode.INTERRUPTED)
     except Interrupted as exc:
         _say(f"etl: {printable(exc, 1000)}", logging.WARNING)
         code = exc.exit_code
@@ -412,15 +411,15 @@ def main(argv: list[str] | None = None) -> None:
     except DBAPIError as exc:
         # Paths that expect database trouble raise DatabaseError; this is the safety net.
         _say(f"etl: database error: {type(exc.orig).__name__}")
-        code = 3
+        code = ExitCode.STOPPED
     except Exception as exc:
         if os.environ.get("ETL_DEBUG"):
             raise
         # A bug, not a user error: one line (no traceback, which could carry secrets).
         _say(f"etl: internal error: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
              " (set ETL_DEBUG=1 for a traceback)")
-        code = 70
-    sys.exit(code if isinstance(code, int) else 0)
+        code = ExitCode.INTERNAL
+    sys.exit(int(code) if isinstance(code, int) else ExitCode.OK)
 
 
 if __name__ == "__main__":

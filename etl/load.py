@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import psycopg
@@ -55,7 +56,7 @@ from . import runs
 from .config import display_url
 from .db import describe_db_error
 from .errors import DatabaseError, PayloadError
-from .outcome import FAILED, NOT_FOUND, OK, Outcome
+from .outcome import FAILED, NOT_FOUND, OK, CallStatus, Outcome
 from .schema import (
     CALL_TYPES,
     call_types,
@@ -73,7 +74,16 @@ from .transform import CallRows, transform
 
 log = logging.getLogger(__name__)
 
-LOADED = "loaded"
+
+class Upsert(StrEnum):
+    """How `Loader._execute` writes rows whose key is stored already."""
+
+    INSERT = "insert"  # no conflict expected (rows deleted first)
+    NOTHING = "nothing"  # keep the stored row
+    UPDATE = "update"  # the new row wins
+    NEWEST = "newest"  # the newer snapshot (updated_date_time) wins
+    NEWEST_FETCH = "newest_fetch"  # the newer fetch (fetched_at) wins
+
 # Waits before retrying a batch whose connection dropped or that hit a transient error
 # (deadlock, serialization failure, server restart); then the run stops with exit 3.
 RECONNECT_DELAYS_S = (0.5, 2.0, 5.0)
@@ -151,8 +161,8 @@ class Loader:
             rows.call["raw"] = body_text if body_text is not None else _json(rows.call["raw"])
         if rows.unknown_fields:
             self.unknown_fields.update(rows.unknown_fields)
-        return _Item(o.call_id, LOADED, rows, o.http_status, None, o.attempts, fetched_at,
-                     warnings="; ".join(rows.warnings) or None)
+        return _Item(o.call_id, CallStatus.LOADED, rows, o.http_status, None, o.attempts,
+                     fetched_at, warnings="; ".join(rows.warnings) or None)
 
     # -- isolating bad rows --------------------------------------------------------------------
 
@@ -268,13 +278,13 @@ class Loader:
         # Every transaction takes its row locks table by table in this order, and by key
         # inside a table, so concurrent runs wait for each other but never deadlock.
         if scenario_ids:
-            self._execute(conn, scenarios, "scenario_id", "nothing",
+            self._execute(conn, scenarios, "scenario_id", Upsert.NOTHING,
                           [{"scenario_id": s} for s in sorted(scenario_ids)])
         unknown_types = call_types_.difference(code for code, *_ in CALL_TYPES)
         if unknown_types:
             # The foreign key holds for codes the API doc does not list (loaded, with a
             # warning): they get a row of their own.
-            self._execute(conn, call_types, "code", "nothing", [
+            self._execute(conn, call_types, "code", Upsert.NOTHING, [
                 {"code": code, "name": "unknown", "description": "Not in the API doc; first "
                  "seen in a fetched call."} for code in sorted(unknown_types)])
         # A customer or operator this batch brings nothing new for is left alone, not even
@@ -294,7 +304,7 @@ class Loader:
                               if v[0] not in settled}
         if customer_rows:
             ordered = [customer_rows[k] for k in sorted(customer_rows)]
-            self._execute(conn, customers, "customer_id", "newest",
+            self._execute(conn, customers, "customer_id", Upsert.NEWEST,
                           [r.customer for r in ordered])
             # A customer's phone numbers go with its winning snapshot, and only then; a
             # snapshot without the phoneNumbers key says nothing about them. Only lists that
@@ -306,13 +316,14 @@ class Loader:
                 phones = [p for r in ordered if r.customer["customer_id"] in renumbered
                           for p in r.phone_numbers]
                 if phones:
-                    self._execute(conn, customer_phone_numbers, "customer_id", "insert", phones)
+                    self._execute(conn, customer_phone_numbers, "customer_id", Upsert.INSERT,
+                                  phones)
         if customer_versions_:
             # After `customers`, whose row lock serialises writers of one customer: this
             # transaction's valid_to sees every version a concurrent run committed.
             self._add_versions(conn, customer_versions, "customer_id", customer_versions_)
         if operator_rows:
-            self._execute(conn, operators, "operator_id", "newest",
+            self._execute(conn, operators, "operator_id", Upsert.NEWEST,
                           [operator_rows[k] for k in sorted(operator_rows)])
         if operator_versions_:
             self._add_versions(conn, operator_versions, "operator_id", operator_versions_)
@@ -331,7 +342,7 @@ class Loader:
                      "attempts": i.attempts, "warnings": i.warnings, "run_id": self.run_id,
                      "updated_at": now, "fetched_at": i.fetched_at}
                     for i in sorted(newest.values(), key=lambda i: i.call_id)]
-        written = self._execute(conn, etl_call_status, "call_id", "newest_fetch",
+        written = self._execute(conn, etl_call_status, "call_id", Upsert.NEWEST_FETCH,
                                 statuses) or set()
         gave_way = [i for i in newest.values() if i.call_id not in written]
         for item in gave_way:
@@ -342,7 +353,7 @@ class Loader:
         # brings nothing: that load's content, or the same content if it left the row alone.
         newer_loads = self._loaded(conn, [i.call_id for i in gave_way if i.rows is not None])
         if call_rows.keys() - newer_loads:
-            self._execute(conn, calls, "call_id", "newest_fetch",
+            self._execute(conn, calls, "call_id", Upsert.NEWEST_FETCH,
                           [call_rows[k] for k in sorted(call_rows.keys() - newer_loads)])
         superseded = sum(i.superseded for i in items)
         if superseded:
@@ -443,7 +454,7 @@ class Loader:
         """Insert the versions not stored yet (a snapshot fetched again adds nothing), then
         set valid_to of every version of those entities to the next version's valid_from,
         so an older snapshot arriving late lands in its place."""
-        self._execute(conn, table, key, "nothing", [versions[k] for k in sorted(versions)])
+        self._execute(conn, table, key, Upsert.NOTHING, [versions[k] for k in sorted(versions)])
         ids = sorted({entity for entity, _ in versions})
         for start in range(0, len(ids), _LOOKUP_CHUNK):
             chunk = ids[start:start + _LOOKUP_CHUNK]
@@ -467,16 +478,14 @@ class Loader:
         for chunk in _chunks(sorted(call_ids)):
             found.update(conn.execute(select(etl_call_status.c.call_id).where(
                 etl_call_status.c.call_id.in_(chunk),
-                etl_call_status.c.status == LOADED)).scalars())
+                etl_call_status.c.status == CallStatus.LOADED)).scalars())
         return found
 
-    def _execute(self, conn: Connection, table: Table, key: str, mode: str,
+    def _execute(self, conn: Connection, table: Table, key: str, mode: Upsert,
                  rows: list[dict[str, Any]]) -> set[str] | None:
-        """Write `rows` (already sorted by key) to `table`. Modes: "insert"; "nothing" (keep
-        the stored row); "update" (the new row wins); "newest" (the newer snapshot by
-        `updated_date_time` wins) and "newest_fetch" (the newer fetch by `fetched_at` wins),
-        which return the keys actually written. In the data tables a row whose content is
-        stored is not written by the last two."""
+        """Write `rows` (already sorted by key) to `table` as `mode` says; NEWEST and
+        NEWEST_FETCH return the keys actually written. In the data tables a row whose content
+        is stored is not written by those two."""
         stmt = self._statements.get((table.name, mode))
         if stmt is None:
             stmt = self._statements[(table.name, mode)] = self._statement(table, key, mode)
@@ -485,7 +494,7 @@ class Loader:
             # per table: a round trip per table and batch instead of one per row, and COPY is
             # the cheapest way into PostgreSQL on both ends.
             self._stage(conn, table, rows)
-            if table is etl_call_status and mode == "newest_fetch":
+            if table is etl_call_status and mode is Upsert.NEWEST_FETCH:
                 conn.execute(stmt)
                 # The block leaves in the stage the statuses that gave way to a newer fetch.
                 stage = _STAGES[table.name]
@@ -493,7 +502,7 @@ class Loader:
             result = conn.execute(stmt)
         else:
             result = conn.execute(stmt, rows)
-        return set(result.scalars()) if mode in ("newest", "newest_fetch") else None
+        return set(result.scalars()) if mode in (Upsert.NEWEST, Upsert.NEWEST_FETCH) else None
 
     @staticmethod
     def _ensure_stages(conn: Connection) -> None:
@@ -522,8 +531,8 @@ class Loader:
             # SQLAlchemy would (DataError, OperationalError, ...) so they are told apart alike.
             raise DBAPIError.instance(sql, None, exc, psycopg.Error) from exc
 
-    def _statement(self, table: Table, key: str, mode: str):
-        if self._postgres and table is etl_call_status and mode == "newest_fetch":
+    def _statement(self, table: Table, key: str, mode: Upsert):
+        if self._postgres and table is etl_call_status and mode is Upsert.NEWEST_FETCH:
             return text(_status_block())
         if self._postgres:
             stage = _STAGES[table.name]
@@ -532,7 +541,7 @@ class Loader:
                       for c in stage.columns}
             source = select(*staged.values()).order_by(
                 *(stage.c[k.name] for k in table.primary_key.columns))
-            if mode == "newest_fetch" and table is calls:
+            if mode is Upsert.NEWEST_FETCH and table is calls:
                 # A call whose stored row has the same content is left out: not written, and
                 # not even locked, which would write WAL too (a full-page image of its page
                 # after each checkpoint). Its status row, written before, is locked (_write).
@@ -546,17 +555,17 @@ class Loader:
             stmt = pg_insert(table).from_select([c.name for c in table.columns], source)
         else:
             stmt = sqlite_insert(table)
-        if mode == "insert":
+        if mode is Upsert.INSERT:
             return stmt
-        if mode == "nothing":
+        if mode is Upsert.NOTHING:
             return stmt.on_conflict_do_nothing(
                 index_elements=[c.name for c in table.primary_key.columns])
         # The primary key stays out of SET: PostgreSQL then takes the weaker row lock, which
         # does not conflict with the foreign-key checks of concurrent call inserts.
         changes = {c.name: stmt.excluded[c.name] for c in table.columns if c.name != key}
-        if mode == "update":
+        if mode is Upsert.UPDATE:
             return stmt.on_conflict_do_update(index_elements=[key], set_=changes)
-        if mode == "newest_fetch":
+        if mode is Upsert.NEWEST_FETCH:
             # A stored row is replaced only by a fetch as new or newer (never NULL).
             where = table.c.fetched_at <= stmt.excluded.fetched_at
             if table is etl_call_status:
@@ -711,10 +720,10 @@ def _same_or_newer(candidate: dict[str, Any], held: dict[str, Any]) -> bool:
 
 def _counts(items: list[_Item]) -> dict[str, int]:
     """Outcomes by status, and "warnings": the loaded ones with warnings."""
-    counts = {LOADED: 0, NOT_FOUND: 0, FAILED: 0, "warnings": 0}
+    counts = {CallStatus.LOADED: 0, NOT_FOUND: 0, FAILED: 0, "warnings": 0}
     for i in items:
         counts[i.status] += 1
-        if i.warnings and i.status == LOADED:
+        if i.warnings and i.status == CallStatus.LOADED:
             counts["warnings"] += 1
     return counts
 

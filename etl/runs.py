@@ -9,6 +9,7 @@ import socket
 import threading
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Engine, func, select, update
@@ -19,11 +20,20 @@ from .text import printable
 
 log = logging.getLogger(__name__)
 
-RUNNING, SUCCEEDED, PARTIAL, FAILED = "running", "succeeded", "partial", "failed"
-# Stopped by a signal (Ctrl-C, SIGTERM) or by its caller, after committing what it had fetched.
-INTERRUPTED = "interrupted"
-# Recorded as running, but its process is gone (kill -9, OOM killer, a lost node).
-ABANDONED = "abandoned"
+
+
+class RunStatus(StrEnum):
+    """The status of a run in etl_runs (and of its summary)."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"  # every id loaded or not found
+    PARTIAL = "partial"  # ran to the end, some ids failed
+    FAILED = "failed"  # stopped by an error (a 403, the database gone, ...)
+    # Stopped by a signal (Ctrl-C, SIGTERM) or by its caller, after committing what it fetched.
+    INTERRUPTED = "interrupted"
+    # Recorded as running, but its process is gone (kill -9, OOM killer, a lost node).
+    ABANDONED = "abandoned"
+
 COUNTERS = ("loaded", "not_found", "failed")
 # A live run refreshes its heartbeat with every committed batch and at least this often...
 HEARTBEAT_S = 30.0
@@ -59,7 +69,7 @@ class RunRecorder:
         now = datetime.now(UTC)
         with self.engine.begin() as conn:
             conn.execute(etl_runs.insert().values(
-                run_id=self.run_id, started_at=now, status=RUNNING, requested=requested,
+                run_id=self.run_id, started_at=now, status=RunStatus.RUNNING, requested=requested,
                 loaded=0, not_found=0, failed=0, skipped=skipped, warnings=0, related=0,
                 host=HOST, pid=os.getpid(), heartbeat_at=now,
             ))
@@ -81,7 +91,7 @@ class RunRecorder:
             try:
                 with self.engine.begin() as conn:
                     conn.execute(update(etl_runs).where(
-                        etl_runs.c.run_id == self.run_id, etl_runs.c.status == RUNNING,
+                        etl_runs.c.run_id == self.run_id, etl_runs.c.status == RunStatus.RUNNING,
                     ).values(heartbeat_at=datetime.now(UTC)))
             except Exception as exc:  # noqa: BLE001 - the batches report database trouble
                 log.debug("heartbeat not recorded: %s", type(exc).__name__)
@@ -104,7 +114,7 @@ def mark_abandoned(engine: Engine, now: datetime | None = None) -> list[str]:
     with engine.connect() as conn:
         running = conn.execute(select(
             etl_runs.c.run_id, etl_runs.c.host, etl_runs.c.pid, etl_runs.c.heartbeat_at,
-            etl_runs.c.started_at).where(etl_runs.c.status == RUNNING)).all()
+            etl_runs.c.started_at).where(etl_runs.c.status == RunStatus.RUNNING)).all()
     gone: dict[str, str] = {}
     for run_id, host, pid, beat, started in running:
         last = _aware(beat or started)
@@ -116,8 +126,8 @@ def mark_abandoned(engine: Engine, now: datetime | None = None) -> list[str]:
         with engine.begin() as conn:
             # Only if still running: the run may have finished since it was read.
             conn.execute(update(etl_runs).where(
-                etl_runs.c.run_id == run_id, etl_runs.c.status == RUNNING,
-            ).values(status=ABANDONED, error=f"abandoned: {why}"))
+                etl_runs.c.run_id == run_id, etl_runs.c.status == RunStatus.RUNNING,
+            ).values(status=RunStatus.ABANDONED, error=f"abandoned: {why}"))
     return sorted(gone)
 
 

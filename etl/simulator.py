@@ -281,7 +281,15 @@ _ALWAYS_PREFIXES = (
 )
 # Fixed kinds that never serve a call object (payload_for gives None).
 _NEVER_SERVED = ("nf", "broken", "badjson", "array", "bomb", "huge", "endless", "escape")
-_RANDOM_FAULTS = ("e500", "e502", "e503", "e429s", "e429d", "reset", "cut")
+RANDOM_FAULTS = ("e500", "e502", "e503", "e429s", "e429d", "reset", "cut")
+
+
+def random_fault(seed: int, call_id: str, attempt: int, fault_rate: float) -> str | None:
+    """The fault (a kind of RANDOM_FAULTS) the simulator serves for request `attempt` (0-based)
+    of an ordinary id at `fault_rate`, or None for the normal answer. Deterministic, so that
+    reports and tests can tell in advance which ids fail every attempt."""
+    rng = random.Random(f"{seed}:{call_id}:{attempt}")
+    return rng.choice(RANDOM_FAULTS) if rng.random() < fault_rate else None
 
 # Hostile bodies are made of a JSON-looking prefix and then spaces, produced in blocks of this
 # size, so neither the 300 MiB the bomb inflates to nor a huge/endless body is ever in memory.
@@ -1481,13 +1489,11 @@ class Simulator:
                 self._tally("not_found")
                 h.send_body(404, _NOT_FOUND)
                 return
-            if self.fault_rate:
-                rng = random.Random(f"{self.seed}:{call_id}:{attempt}")
-                if rng.random() < self.fault_rate:
-                    fault = rng.choice(_RANDOM_FAULTS)
-                    body = _json_bytes(payload_for(call_id, self.seed)) if fault == "cut" else b""
-                    self._fault(h, fault, body)
-                    return
+            fault = random_fault(self.seed, call_id, attempt, self.fault_rate)
+            if fault is not None:
+                body = _json_bytes(payload_for(call_id, self.seed)) if fault == "cut" else b""
+                self._fault(h, fault, body)
+                return
         elif kind == "slow":
             if attempt < n:
                 self._hang_up.wait(self.slow_s)

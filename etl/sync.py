@@ -17,12 +17,19 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import db, runs
 from .config import _MAX_RPS_RANGE, Settings, display_url, require_api, validate
-from .errors import DatabaseError, FatalError, InputError, Interrupted, RemoteConfigError
+from .errors import (
+    DatabaseError,
+    ExitCode,
+    FatalError,
+    InputError,
+    Interrupted,
+    RemoteConfigError,
+)
 from .extract import Extractor, RelatedCalls, StoredLinks
 from .ids import is_valid_call_id, select_shard
-from .load import LOADED, Loader
+from .load import Loader
 from .logs import log_context, shard_label
-from .outcome import FAILED, NOT_FOUND, Outcome
+from .outcome import FAILED, NOT_FOUND, CallStatus, Outcome
 from .schema import calls, etl_call_status
 
 log = logging.getLogger(__name__)
@@ -72,7 +79,7 @@ class SyncSummary:
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed else 0
+        return ExitCode.IDS_FAILED if self.failed else ExitCode.OK
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,9 +95,9 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.reason: str | None = None
-        self.exit_code = 130
+        self.exit_code: int = ExitCode.INTERRUPTED
 
-    def stop(self, reason: str, exit_code: int = 130) -> None:
+    def stop(self, reason: str, exit_code: int = ExitCode.INTERRUPTED) -> None:
         if self.reason is None:
             self.exit_code = exit_code
             self.reason = reason
@@ -206,7 +213,7 @@ def _run_sync(settings: Settings, ids: Iterable[str], run_id: str, *, skip_loade
         todo = ids
         done: set[str] = set()
         if skip_loaded:
-            done = runs.ids_with_status(engine, LOADED, ids)
+            done = runs.ids_with_status(engine, CallStatus.LOADED, ids)
             todo = [i for i in ids if i not in done]
         found: list[str] = []
         if follow_related and not early:
@@ -215,7 +222,7 @@ def _run_sync(settings: Settings, ids: Iterable[str], run_id: str, *, skip_loade
             # The chains of the calls skipped as loaded go on from what is stored with them.
             found = related.after_stored(list(done))
         recorder = runs.RunRecorder(engine, run_id)
-        summary = SyncSummary(recorder.run_id, runs.RUNNING, requested=len(ids),
+        summary = SyncSummary(recorder.run_id, runs.RunStatus.RUNNING, requested=len(ids),
                               skipped=len(ids) - len(todo),
                               database=display_url(settings.database_url),
                               api=settings.base_url or "")
@@ -278,7 +285,7 @@ def _stored_links(engine: Engine) -> StoredLinks:
             with engine.connect() as conn:
                 for start in range(0, len(call_ids), _LOOKUP_CHUNK):
                     found.update(conn.execute(query.where(
-                        etl_call_status.c.status == LOADED,
+                        etl_call_status.c.status == CallStatus.LOADED,
                         etl_call_status.c.call_id.in_(call_ids[start:start + _LOOKUP_CHUNK]),
                     )).all())
         except SQLAlchemyError as exc:
@@ -316,7 +323,7 @@ def _pipeline(settings: Settings, engine: Engine, extractor: Extractor,
         nonlocal batch, last_flush
         if batch:
             counts = loader.load(batch)
-            summary.loaded += counts.get(LOADED, 0)
+            summary.loaded += counts.get(CallStatus.LOADED, 0)
             summary.not_found += counts.get(NOT_FOUND, 0)
             summary.failed += counts.get(FAILED, 0)
             summary.warnings += counts.get("warnings", 0)
@@ -354,25 +361,25 @@ def _pipeline(settings: Settings, engine: Engine, extractor: Extractor,
         # the database (nothing more can be written): record what we can, then re-raise.
         if not isinstance(exc, DatabaseError):
             _try(flush)
-        _end(recorder, summary, started, runs.FAILED, str(exc))
+        _end(recorder, summary, started, runs.RunStatus.FAILED, str(exc))
         exc.summary = summary
         raise
     except BaseException as exc:
         # A second Ctrl-C or SIGTERM (the first asks politely, below), or a bug.
         extractor.stop()
         if isinstance(exc, KeyboardInterrupt):
-            _end(recorder, summary, started, runs.INTERRUPTED, "interrupted at once")
+            _end(recorder, summary, started, runs.RunStatus.INTERRUPTED, "interrupted at once")
         else:
-            _end(recorder, summary, started, runs.FAILED, f"{type(exc).__name__}: {exc}")
+            _end(recorder, summary, started, runs.RunStatus.FAILED, f"{type(exc).__name__}: {exc}")
         raise
     if stop.requested:
-        _end(recorder, summary, started, runs.INTERRUPTED, stop.reason)
+        _end(recorder, summary, started, runs.RunStatus.INTERRUPTED, stop.reason)
         interrupted = Interrupted(f"{stop.reason}: run {summary.run_id} stopped, what was "
                                   "committed stays committed", stop.exit_code)
         interrupted.summary = summary
         raise interrupted
     _timing(summary, started)
-    summary.status = runs.PARTIAL if summary.failed else runs.SUCCEEDED
+    summary.status = runs.RunStatus.PARTIAL if summary.failed else runs.RunStatus.SUCCEEDED
     try:
         recorder.finish(summary.status,
                         f"{summary.failed} id(s) failed" if summary.failed else None,

@@ -28,7 +28,7 @@ def load(engine: Engine, *outcomes: Outcome) -> tuple[str, dict[str, int]]:
     recorder = runs.RunRecorder(engine, runs.new_run_id())
     recorder.start(requested=len(outcomes), skipped=0)
     counts = Loader(engine, recorder.run_id).load(list(outcomes))
-    recorder.finish(runs.SUCCEEDED)
+    recorder.finish(runs.RunStatus.SUCCEEDED)
     return recorder.run_id, counts
 
 

@@ -53,7 +53,7 @@ def start_run(engine: Engine) -> str:
     run_id = f"run-{time.monotonic_ns()}"
     with engine.begin() as conn:
         conn.execute(etl_runs.insert().values(run_id=run_id, started_at=datetime.now(UTC),
-                                              status=runs.RUNNING, warnings=0))
+                                              status=runs.RunStatus.RUNNING, warnings=0))
     return run_id
 
 

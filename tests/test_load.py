@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, and_, delete, func, select, text, update
 
 from etl import runs
 from etl.load import Loader
@@ -17,12 +17,14 @@ from etl.schema import (
     DATA_TABLES,
     calls,
     customer_phone_numbers,
+    customer_versions,
     customers,
     etl_call_status,
     etl_runs,
     operators,
 )
 from etl.simulator import payload_for
+from etl.testing import inconsistencies
 from etl.transform import strip_nul
 
 FETCHED = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -540,7 +542,10 @@ def test_unpaired_surrogate_in_text_fails_alone(engine: Engine) -> None:
     good = ordinary_batch(4)
     load = loader(engine)
     counts = load.load([*good[:2], ok(bad), *good[2:]])
-    _assert_isolated(engine, load.run_id, "call-sur", good, counts, "")
+    _assert_isolated(engine, load.run_id, "call-sur", good, counts,
+                     "text the database cannot encode: surrogates not allowed")
+    assert statuses(engine)["call-sur"]["error"] == (
+        "database rejected the record: text the database cannot encode: surrogates not allowed")
 
 
 # -- the response body as raw -----------------------------------------------------------------
@@ -600,3 +605,111 @@ def test_nul_characters_are_stripped_from_text_and_raw(engine: Engine) -> None:
         with engine.connect() as conn:
             note = conn.execute(text("SELECT raw->>'note' FROM calls")).scalar_one()
         assert note == "折り返し希望"
+
+
+# -- the warehouse's invariants (etl.testing.inconsistencies) ---------------------------------
+
+MIDDLE = "2026-01-01T09:45:00Z"  # between OLDER (09:30Z) and NEWER (10:00Z)
+
+
+def _two_runs(engine: Engine) -> tuple[str, str]:
+    """A finished run (partial: a 404 and a failure) whose customer and operator snapshots
+    arrive newest first, then a running one bringing a version between the two: a warehouse
+    every invariant holds in. The two run ids."""
+    first = runs.new_run_id()
+    recorder = runs.RunRecorder(engine, first)
+    recorder.start(requested=4, skipped=0)
+    Loader(engine, first).load([
+        ok(call("call-b", customer(NEWER, "new", ["999", "998"]), operator(NEWER, "new"))),
+        ok(call("call-a", customer(OLDER, "old", ["111"]), operator(OLDER, "old"))),
+        Outcome("call-nf", NOT_FOUND, http_status=404, attempts=1, fetched_at=FETCHED),
+        Outcome("call-x", FAILED, http_status=500, attempts=3, error="HTTP 500",
+                fetched_at=FETCHED)])
+    recorder.finish("partial")
+    second = loader(engine)
+    second.load([ok(call("call-c", customer(MIDDLE, "mid", ["555"]),
+                         operator(MIDDLE, "mid")))])
+    return first, second.run_id
+
+
+def _broken(engine: Engine) -> dict[str, int]:
+    return {k: n for k, n in inconsistencies(engine.url).items() if n}
+
+
+def test_a_sound_warehouse_breaks_no_invariant(engine: Engine) -> None:
+    _two_runs(engine)
+    found = inconsistencies(engine.url)
+    assert len(found) >= 20  # every check ran, on both backends
+    assert {k: n for k, n in found.items() if n} == {}
+    with engine.connect() as conn:  # and the history the checks read is there
+        assert conn.execute(select(func.count()).select_from(customer_versions)
+                            ).scalar_one() == 3
+
+
+def _copy(engine: Engine, table, where, **changes: Any) -> None:
+    """Insert a copy of the row of `table` matching `where`, with `changes`: a planted row."""
+    with engine.begin() as conn:
+        row = dict(conn.execute(select(table).where(where)).mappings().one())
+        conn.execute(table.insert().values({**row, **changes}))
+
+
+def _plant(engine: Engine, fault: str, first: str, second: str) -> None:
+    newer = datetime(2026, 1, 1, 10, 0, tzinfo=UTC)
+    middle = datetime(2026, 1, 1, 9, 45, tzinfo=UTC)
+    newest_version = and_(customer_versions.c.customer_id == "cus-1",
+                          customer_versions.c.updated_date_time == newer)
+    if fault == "overlapping-version":
+        # A newer version added as a double load would, leaving its predecessor open.
+        later = newer + timedelta(hours=1)
+        _copy(engine, customer_versions, newest_version, updated_date_time=later,
+              valid_from=later, valid_to=None)
+        return
+    if fault == "second-version-same-moment":
+        _copy(engine, customer_versions, newest_version,
+              updated_date_time=newer + timedelta(seconds=1))
+        return
+    if fault == "orphan-call-row":
+        _copy(engine, calls, calls.c.call_id == "call-a", call_id="call-orphan")
+        return
+    statements = {
+        "lost-call-row": delete(calls).where(calls.c.call_id == "call-b"),
+        "lost-version": delete(customer_versions).where(
+            customer_versions.c.updated_date_time == middle),
+        "phone-position-lost": delete(customer_phone_numbers).where(
+            customer_phone_numbers.c.position == 0),
+        "batch-counted-twice": update(etl_runs).where(etl_runs.c.run_id == first)
+        .values(loaded=etl_runs.c.loaded * 2),
+        "status-of-another-run": update(etl_call_status)
+        .where(etl_call_status.c.call_id == "call-a").values(run_id=second),
+        "call-of-no-run": update(calls).where(calls.c.call_id == "call-c")
+        .values(run_id="gone"),
+    }
+    with engine.begin() as conn:
+        assert conn.execute(statements[fault]).rowcount == 1
+
+
+@pytest.mark.parametrize(("fault", "counted"), [
+    ("overlapping-version", {
+        "customer_versions whose valid_to is not the next version's valid_from": 1,
+        "customers not at their newest version": 1}),
+    ("second-version-same-moment", {
+        "customer_versions not valid from their updated_date_time": 1,
+        "customer_versions beyond one valid from the same moment": 1,
+        "customer_versions whose valid_to is not the next version's valid_from": 1,
+        "customers not at their newest version": 1}),
+    ("orphan-call-row", {"call rows without a status": 1,
+                         "call rows beyond their run's loaded count": 1}),
+    ("lost-call-row", {"loaded statuses without a call row": 1}),
+    ("lost-version", {
+        "customer_versions whose valid_to is not the next version's valid_from": 1,
+        "calls naming a customer version not stored": 1}),
+    ("phone-position-lost", {"customers whose phone positions are not 0..n-1": 1}),
+    ("batch-counted-twice", {"completed runs whose counts do not add up": 1}),
+    ("status-of-another-run", {"statuses beyond their run's count": 1}),
+    ("call-of-no-run", {"call rows naming no stored run": 1}),
+])
+def test_inconsistencies_count_a_planted_fault(engine: Engine, fault: str,
+                                               counted: dict[str, int]) -> None:
+    first, second = _two_runs(engine)
+    _plant(engine, fault, first, second)
+    assert _broken(engine) == counted

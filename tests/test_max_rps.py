@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -75,3 +77,28 @@ def test_each_of_4_shards_gets_a_quarter_of_max_rps(
     # The limiter spaces requests evenly, 0.1 s apart at 10/s (0.025 s at 40/s): 16 requests
     # span at least 1.5 s. A slow machine only makes the run longer.
     assert summary["duration_s"] >= 1.45
+
+
+def test_four_shard_processes_together_keep_to_max_rps(
+        sim: Simulator, pg_url: URL, fast_config: Path, tmp_path: Path) -> None:
+    """The cap holds across processes, counted where it matters: by the server, per second."""
+    ids = [f"call-{n:06d}" for n in range(1, 161)]
+    path = str(ids_file(tmp_path, ids))
+    env = etl_env(sim, pg_url)
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "etl", "sync", "--config", str(fast_config), "--ids-file", path,
+         "--num-shards", "4", "--shard-index", str(i), "--max-rps", "40", "--json"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err for _, err in outs]
+    summaries = [json.loads(out) for out, _ in outs]
+    assert sum(s["requested"] for s in summaries) == len(ids)
+
+    stats = sim.stats()
+    assert stats["requests"] == len(ids)  # one request per id: nothing was retried
+    per_second = [row["requests"] for row in stats["per_second"]]
+    # Each shard sends 10 evenly spaced requests a second; a whole-second window can catch an
+    # 11th of each. Uncapped, 4 shards of concurrency 4 send hundreds a second.
+    assert max(per_second) <= 44, per_second
+    # 160 requests at 40/s take about 4 s; shards that start late only stretch it.
+    assert len(per_second) >= 4, per_second

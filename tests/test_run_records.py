@@ -136,7 +136,7 @@ def test_a_live_run_refreshes_its_heartbeat(pg_url: URL, monkeypatch) -> None:
     time.sleep(0.5)
     with engine.connect() as conn:
         later = conn.execute(select(etl_runs.c.heartbeat_at)).scalar_one()
-    recorder.finish(runs.SUCCEEDED)
+    recorder.finish(runs.RunStatus.SUCCEEDED)
     engine.dispose()
     assert later > first
 
