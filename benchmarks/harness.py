@@ -15,46 +15,56 @@ What it holds, one of each:
   `drop_stale_databases(server)` (those of killed earlier runs), `libpq_url`, `redact`,
   `count_rows`.
 - Processes: `simulator_process(...)` (`etl simulate` as a subprocess, yielded once it
-  answers); `measure(cmd, ...) -> Child` (a child run through the tiny launcher measure.py:
+  answers; `simulator_stats(url)`: its counters and per-second series, from `/_stats`);
+  `measure(cmd, ...) -> Child` (a child run through the tiny launcher measure.py:
   wall time, user+sys CPU and ru_maxrss of that child alone, from os.wait4; killed with its
   process group after a timeout); `measure_all` (several at once); `start`/`finish` (an
   unmeasured child one may signal or kill); `etl_command`; `summary_json` (the `--json`
   summary a run printed); `wait_for`.
 - Facts: `machine_facts(pg_url)` (CPUs, memory, OS, Python, PostgreSQL, versions, the git
-  commit), `load_average()`, `command_line()`.
+  commit), `load_average()`, `command_line()`; `CpuMeter` (the CPU the machine, the simulator
+  and the PostgreSQL server spent while a block ran: is the machine saturated?).
 - Figures: `Stat` (median and spread min–max over rounds), `Target` (met only when the whole
   spread meets it), `text_table`, `markdown_table`, `side_table` (the table of measured sides).
 - Scenarios: `Scenario`, `Registry` (the list a script runs, `--only` parsing), `Results`
   (what a scenario hands back: sections, targets, runs, failures, figures, records),
   `Context` (one session: work dir, env, server, rounds; fresh databases, the simulator, ids
-  files, and the measured sides `sync` (ours), `dlt`, `bare`), `run_scenarios`.
+  files, the measured sides `sync` (ours), `sync_shards` (ours as N shard processes at
+  once), `dlt`, `bare`, and `figure` (a picture beside the report)), `run_scenarios`.
 
 Adding a scenario to run.py (its context is `run.Bench`, a `Context`): a function that takes
 the context and returns Results, registered in run.py's SCENARIOS (`--only` and `--help` then
 know it; its sections, targets and runs go to stdout and RESULTS.md):
 
-    @SCENARIOS.add("scale-out", "1, 2 and 4 etl sync processes on shards of 4,000 ids")
-    def scale_out(ctx: Bench) -> Results:
+    @SCENARIOS.add("batch-1000", "latency 50 ms, 4,000 ids, --batch-size 1000")
+    def batch_1000(ctx: Bench) -> Results:
         res = Results()
-        ids, expected = ctx.ids_file("scale", 4_000)
+        ids, expected = ctx.ids_file("batch", 4_000)
         with ctx.simulator(latency_ms=50) as url:
             for rnd in ctx.round_numbers():
-                res.record("scale-out", ctx.sync, "scale-out", rnd, url, ids, 4_000, expected)
-        runs = res.select("scale-out", OURS)
-        res.section("Scale-out: 4,000 ids", side_table([side_row(runs, OURS, "4,000")]))
+                res.record("batch-1000", ctx.sync, "batch-1000", rnd, url, ids, 4_000,
+                           expected, options=["--batch-size", "1000"])
+        runs = res.select("batch-1000", OURS)
+        res.section("Batches of 1,000: 4,000 ids", side_table([side_row(runs, OURS, "4,000")]))
         ids_s = Stat.of(r.ids_per_s for r in runs)
-        res.targets.append(Target.of("scale-out", ">= 600 ids/s", ids_s, lambda v: v >= 600,
+        res.targets.append(Target.of("batch-1000", ">= 600 ids/s", ids_s, lambda v: v >= 600,
                                      f"{ids_s.fmt('.0f')} ids/s"))
         return res
 
-Several processes at once: `measure_all([cmd, ...], env=ctx.env, cwd=ctx.work, timeout_s=..)`;
-a picture: save it beside the report (ctx.work is removed at the end) and append (caption, path) to
-`res.figures`.
+A longer scenario may live in a module of its own beside run.py (scale_out.py,
+rate_limited.py, rerun_writes.py): plain functions over the context that run.py registers
+(`SCENARIOS.add(name, help)(module.function)`).
+
+Several processes at once: `measure_all([cmd, ...], env=ctx.env, cwd=ctx.work, timeout_s=..)`
+(shards of one sync: `ctx.sync_shards`); a picture: `ctx.figure(res, "name.png", caption, draw,
+...)` saves it under `ctx.figure_dir` (beside the report; ctx.work is removed at the end) and
+appends (caption, path) to `res.figures`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import itertools
 import json
@@ -213,8 +223,9 @@ def etl_command(*args: str) -> list[str]:
 def simulator_process(*options: str, latency_ms: float = 0, env: dict[str, str], cwd: Path,
                       timeout_s: float = 30) -> Iterator[str]:
     """`etl simulate --latency-ms L OPTIONS` in a subprocess of its own (its CPU is not the
-    client's), on a free port; yields its base URL once it answers, and stops it (SIGINT, then
-    SIGKILL after 10 s) after the block. Its output goes to simulator-<port>.log in `cwd`."""
+    client's), on a free port; yields its base URL once it answers, and stops it (SIGTERM, then
+    SIGKILL after 10 s) after the block. Its output goes to simulator-<port>.log in `cwd`;
+    `simulator_pid(url)` is its process id while the block runs."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -225,16 +236,40 @@ def simulator_process(*options: str, latency_ms: float = 0, env: dict[str, str],
             stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             cwd=cwd)
         url = f"http://127.0.0.1:{port}"
+        _SIMULATORS[url] = proc.pid
         try:
             _wait_ready(url, proc, timeout_s)
             yield url
         finally:
-            proc.send_signal(signal.SIGINT)  # etl simulate stops cleanly on Ctrl-C
+            _SIMULATORS.pop(url, None)
+            # SIGTERM, not Ctrl-C: a benchmark started in the background without job control
+            # passes on an ignored SIGINT. The simulator keeps no state worth a clean exit.
+            proc.terminate()
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+_SIMULATORS: dict[str, int] = {}  # base URL -> pid of the simulator_process serving it
+
+
+def simulator_pid(url: str) -> int | None:
+    """The process id of the `simulator_process` serving `url` (None: not one of those)."""
+    return _SIMULATORS.get(url)
+
+
+def simulator_stats(url: str) -> dict:
+    """The simulator's counters (`GET /_stats`, which counts no request): `requests`,
+    `rate_limited` (429s of its rate limit), `rate_limit`, `burst`, and `per_second`, one
+    entry per second since its first request: `{"s", "requests", "ok", "not_found",
+    "rate_limited"}`."""
+    try:
+        with urllib.request.urlopen(url + "/_stats", timeout=10) as resp:
+            return json.loads(resp.read())
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"no /_stats from the simulator at {url}: {exc}") from None
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
@@ -436,6 +471,127 @@ def load_average(warn: bool = False) -> float:
     if warn and load >= 1:
         log(f"warning: load average {load:.2f}: the machine is busy, figures will be noisy")
     return load
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_stat(pid: int | str) -> tuple[int, float, float] | None:
+    """(ppid, own user+sys CPU s, user+sys CPU s of its reaped children) of a process, from
+    /proc/PID/stat; None when it is gone (or this is not Linux)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()  # the name, in parentheses, may hold spaces
+    # fields[0] is the state; then ppid ... utime (11), stime, cutime, cstime (14)
+    own = (int(fields[11]) + int(fields[12])) / _TICK
+    return int(fields[1]), own, (int(fields[13]) + int(fields[14])) / _TICK
+
+
+def _machine_cpu() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of all cores since boot, from /proc/stat (busy: user, nice,
+    system, irq, softirq, steal; idle: idle and iowait)."""
+    try:
+        first = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return math.nan, math.nan
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in first[1:9])
+    return (user + nice + system + irq + softirq + steal) / _TICK, (idle + iowait) / _TICK
+
+
+_POSTMASTERS: dict[str, int | None] = {}
+
+
+def postmaster_pid(pg_url: str) -> int | None:
+    """The process id of the PostgreSQL server of `pg_url` when it runs on this machine and
+    its processes can be seen in /proc (the parent of a session's backend); else None (a
+    server elsewhere, or in a container with its own process ids)."""
+    if pg_url not in _POSTMASTERS:
+        pid = None
+        with contextlib.suppress(psycopg.Error, OSError), \
+                psycopg.connect(pg_url, connect_timeout=10) as conn:
+            backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+            stat = _proc_stat(backend)
+            if stat is not None and "postgres" in Path(f"/proc/{backend}/cmdline").read_text():
+                pid = stat[0]
+        _POSTMASTERS[pg_url] = pid
+    return _POSTMASTERS[pg_url]
+
+
+def _tree_cpu(root: int) -> float:
+    """User+sys CPU s of a process, of its reaped children and of its living children (one
+    level: PostgreSQL's backends and background processes are the postmaster's children)."""
+    stat = _proc_stat(root)
+    if stat is None:
+        return math.nan
+    total = stat[1] + stat[2]
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and (child := _proc_stat(entry.name)) and child[0] == root:
+            total += child[1] + child[2]
+    return total
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """What the machine spent while a block ran: its busy CPU seconds over all `cores`, and of
+    that, the simulator's and the PostgreSQL server's (NaN when unknown); `clients_s` is
+    filled in by the caller (the measured children's, from wait4)."""
+
+    wall_s: float
+    cores: int
+    busy_s: float
+    simulator_s: float
+    postgres_s: float
+    load1: float
+    clients_s: float = math.nan
+
+    @property
+    def busy_share(self) -> float:
+        """Busy CPU over the CPU the cores had: 1.0 is every core busy all the time."""
+        return self.busy_s / (self.wall_s * self.cores) if self.wall_s else math.nan
+
+    @property
+    def rest_s(self) -> float:
+        """Busy CPU neither the clients', the simulator's nor PostgreSQL's: the benchmark
+        driver, the launchers, anything else running on the machine."""
+        return self.busy_s - sum(v for v in (self.clients_s, self.simulator_s,
+                                             self.postgres_s) if not math.isnan(v))
+
+    def breakdown(self) -> str:
+        """`cores 97% busy (clients 12.1 s, simulator 4.0 s, PostgreSQL 3.2 s, rest 0.4 s of
+        19.7 s)`, for a report line."""
+        parts = [f"{name} {v:.1f} s" for name, v in (
+            ("clients", self.clients_s), ("simulator", self.simulator_s),
+            ("PostgreSQL", self.postgres_s), ("rest", self.rest_s)) if not math.isnan(v)]
+        return (f"{self.cores} cores {self.busy_share:.0%} busy ({', '.join(parts)} of "
+                f"{self.busy_s:.1f} s)")
+
+
+class CpuMeter:
+    """A context manager measuring the machine's CPU while its block runs (see CpuUse); the
+    result is `meter.use` after the block. `simulator_url`: a `simulator_process` whose CPU
+    to tell apart; `pg_url`: the PostgreSQL server whose CPU to tell apart (when local)."""
+
+    def __init__(self, *, pg_url: str | None = None, simulator_url: str | None = None) -> None:
+        self._sim = simulator_pid(simulator_url) if simulator_url else None
+        self._pg = postmaster_pid(pg_url) if pg_url else None
+        self.use: CpuUse | None = None
+
+    def _sample(self) -> tuple[float, float, float, float]:
+        sim = _proc_stat(self._sim) if self._sim else None
+        return (time.perf_counter(), _machine_cpu()[0],
+                sim[1] + sim[2] if sim else math.nan,
+                _tree_cpu(self._pg) if self._pg else math.nan)
+
+    def __enter__(self) -> CpuMeter:
+        self._start = self._sample()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        end = self._sample()
+        wall, busy, sim, pg = (b - a for a, b in zip(self._start, end, strict=True))
+        self.use = CpuUse(wall, os.cpu_count() or 1, busy, sim, pg, os.getloadavg()[0])
 
 
 def command_line(uv_options: str = "") -> str:
@@ -687,13 +843,16 @@ class Results:
             self.add(run)
         return run
 
-    def add(self, run: Run) -> None:
+    def add(self, run: Run, strict: bool = True) -> None:
+        """Keep a run and log it; a failure is recorded when its rows landed are not the
+        ones expected, unless not `strict` (a peer whose shortfall is a finding: dlt giving up
+        on ids under a rate limit, say)."""
         self.runs.append(run)
         check = "ok" if run.rows_ok else f"EXPECTED {run.expected}"
         log(f"  [{run.scenario} round {run.round}] {run.side:<13} {run.size:>7} ids: "
             f"{run.wall_s:7.2f} s {run.ids_per_s:8.1f} ids/s  {run.cpu_ms_per_id:6.3f} ms "
             f"CPU/id  {run.rss_mb:6.1f} MB  rows {run.rows} {check}")
-        if not run.rows_ok:
+        if strict and not run.rows_ok:
             self.failures.append(f"{run.scenario} round {run.round} {run.side} {run.size} ids: "
                                  f"{run.rows} rows landed, expected {run.expected}")
 
@@ -794,6 +953,7 @@ class Context:
         self.args = args
         self.work = Path(tempfile.mkdtemp(prefix=prefix))
         self.env = child_env()
+        self.figure_dir: Path | None = None  # where `figure` saves pictures (None: nowhere)
         self._servable: dict[tuple[str, int, bool], int] = {}
 
     def close(self) -> None:
@@ -849,33 +1009,69 @@ class Context:
 
     def sync(self, scenario: str, rnd: int, base_url: str, ids: Path, n: int,
              expected: int | None, *, db_url: str | None = None, options: Sequence[str] = (),
-             side: str = OURS, concurrency: int = CONCURRENCY) -> Run:
-        """`etl sync --ids-file IDS --json` measured, into `db_url` (a fresh database when
-        None); rows landed counted in calls. Exit 0 expected."""
+             side: str = OURS, concurrency: int = CONCURRENCY, ok_codes: Sequence[int] = (0,),
+             env: dict[str, str] | None = None, timeout_s: float | None = None) -> Run:
+        """`etl sync --ids-file IDS --json OPTIONS` measured, into `db_url` (a fresh database
+        when None); rows landed counted in calls. An exit code of `ok_codes` expected (1: a
+        finished run with failed ids), and its summary."""
         with contextlib.ExitStack() as stack:
             if db_url is None:
                 db_url = stack.enter_context(self.fresh_db("ours"))
-            cmd = etl_command("sync", "--ids-file", str(ids), "--db-url", db_url,
-                              "--base-url", base_url, "--concurrency", str(concurrency),
-                              "--json", *options)
-            child = self.measure(cmd, sync_timeout(n))
+            child = self.measure(_sync_command(ids, db_url, base_url, concurrency, options),
+                                 timeout_s or sync_timeout(n), env)
             summary = child.last_json()
-            if child.returncode != 0 or not summary:
+            if child.returncode not in ok_codes or not summary:
                 raise BenchError(f"{side}: {child.why()}")
             rows = count_rows(db_url, "calls")
         return _run(scenario, side, n, rnd, child, rows, expected,
                     {"pipeline_s": summary.get("duration_s"), "skipped": summary.get("skipped"),
                      "loaded": summary.get("loaded"), "summary": summary})
 
+    def sync_shards(self, scenario: str, rnd: int, base_url: str, ids: Path, n: int,
+                    expected: int | None, shards: int, *, options: Sequence[str] = (),
+                    side: str | None = None, concurrency: int = CONCURRENCY,
+                    timeout_s: float | None = None) -> Run:
+        """`shards` processes `etl sync --ids-file IDS --shard-index I --num-shards SHARDS
+        --json OPTIONS` at once (`measure_all`), each at `concurrency`, into one fresh
+        database: one Run of them all. Its wall time is from the start of the first to the end
+        of the last (so ids/s is the aggregate), its CPU the sum of the children's, its peak
+        RSS the largest; `extra["cpu"]` is the machine's CpuUse meanwhile (its simulator and
+        PostgreSQL apart), `extra["children"]` each child's (wall s, CPU s, summary)."""
+        side = side or f"{shards} process{'es' if shards > 1 else ''}"
+        with self.fresh_db(f"shards{shards}") as db_url:
+            cmds = [_sync_command(ids, db_url, base_url, concurrency,
+                                  [*options, "--shard-index", str(i), "--num-shards",
+                                   str(shards)]) for i in range(shards)]
+            with CpuMeter(pg_url=self.pg_url, simulator_url=base_url) as meter:
+                started = time.perf_counter()
+                children = measure_all(cmds, env=self.env, cwd=self.work,
+                                       timeout_s=timeout_s or sync_timeout(n))
+                wall = time.perf_counter() - started
+            summaries = [c.last_json() for c in children]
+            for i, (child, summary) in enumerate(zip(children, summaries, strict=True)):
+                if child.returncode != 0 or not summary:
+                    raise BenchError(f"{side}, shard {i}: {child.why()}")
+            rows = count_rows(db_url, "calls")
+        cpu = sum(c.cpu_s for c in children)
+        use = dataclasses.replace(meter.use, clients_s=cpu)
+        log(f"  [{scenario} round {rnd}] {side}: {use.breakdown()}, load average "
+            f"{use.load1:.2f}")
+        return Run(scenario, side, n, rnd, wall, cpu, max(c.rss_mb for c in children), rows,
+                   expected, {"shards": shards, "cpu": use,
+                              "pipeline_s": max(s.get("duration_s") or 0 for s in summaries),
+                              "children": [(c.wall_s, c.cpu_s, s) for c, s in
+                                           zip(children, summaries, strict=True)]})
+
     def dlt(self, scenario: str, rnd: int, base_url: str, ids: Path, n: int,
-            expected: int | None, *, side: str = DLT, concurrency: int = CONCURRENCY) -> Run:
+            expected: int | None, *, side: str = DLT, concurrency: int = CONCURRENCY,
+            timeout_s: float | None = None) -> Run:
         """benchmarks/dlt_pipeline.py measured, into a fresh database."""
         work_dir = self.work / f"dlt-{scenario}-{rnd}-{n}"
         with self.fresh_db("dlt") as db_url:
             cmd = [PY, str(HERE / "dlt_pipeline.py"), str(ids), "--base-url", base_url,
                    "--db-url", db_url, "--concurrency", str(concurrency),
                    "--work-dir", str(work_dir)]
-            child = self.measure(cmd, sync_timeout(n))
+            child = self.measure(cmd, timeout_s or sync_timeout(n))
             shutil.rmtree(work_dir, ignore_errors=True)
             out = child.last_json()
             if child.returncode != 0 or not out:
@@ -896,6 +1092,24 @@ class Context:
         return _run(scenario, side, n, rnd, child, out["ok"], expected,
                     {"pipeline_s": out.get("duration_s"), "fetched_only": True})
 
+    def figure(self, res: Results, name: str, caption: str,
+               draw: Callable[..., None], *args: Any) -> Path | None:
+        """A picture for the report: `draw(path, *args)` saves it as `figure_dir/name`, and
+        (caption, path) goes to `res.figures`. Nothing when figure_dir is None; an error of
+        `draw` (matplotlib missing, say) is a failure recorded in `res`."""
+        if self.figure_dir is None:
+            return None
+        path = self.figure_dir / name
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            draw(path, *args)
+        except Exception as exc:  # a picture is never worth the rest of the report
+            res.fail(f"picture {name}: {type(exc).__name__}: {exc}")
+            return None
+        res.figures.append((caption, path))
+        log(f"  picture {path} ({path.stat().st_size / 1024:.0f} KiB)")
+        return path
+
     def warm_up(self, modules: Iterable[str] = ()) -> None:
         """Import etl's sync path (and `modules`) once, unmeasured, so the first measured run
         does not pay for cold files and bytecode compilation that later rounds skip."""
@@ -911,6 +1125,12 @@ class Context:
         """ru_maxrss of a measured child that does nothing (`python -c pass`): no figure
         below it can be told apart (see measure.py)."""
         return self.measure([PY, "-c", "pass"], 30).rss_mb
+
+
+def _sync_command(ids: Path, db_url: str, base_url: str, concurrency: int,
+                  options: Sequence[str]) -> list[str]:
+    return etl_command("sync", "--ids-file", str(ids), "--db-url", db_url, "--base-url",
+                       base_url, "--concurrency", str(concurrency), "--json", *options)
 
 
 def _run(scenario: str, side: str, n: int, rnd: int, child: Child, rows: int | None,

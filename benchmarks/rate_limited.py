@@ -1,432 +1,271 @@
-"""Benchmark: syncing from an API that limits its rate (issue #12, adaptive concurrency).
+"""Scenarios of benchmarks/run.py under an API that limits its rate (issue #12, adaptive
+concurrency): `rate-limited` and `unlimited`. Run them with run.py, or with this file, which
+is run.py with `--only rate-limited,unlimited` (its other options pass through):
 
-    uv run --group bench python benchmarks/rate_limited.py            # both scenarios, ~10 min
-    uv run --group bench python benchmarks/rate_limited.py --only rate-limited --dlt-workers 16
-    uv run --group bench python benchmarks/rate_limited.py --only unlimited --rounds 5
+    uv run --group bench python benchmarks/run.py --only rate-limited --dlt-workers 32,16
+    uv run --group bench python benchmarks/rate_limited.py --quick
 
-Scenarios (`--only`, comma-separated):
+rate-limited: the simulator allows 300 requests/s (`etl simulate --rate-limit 300`: a token
+bucket of 30 tokens, 429 with Retry-After past it) at latency 50 ms; 20,000 ids. Sides: ours
+(`etl sync --concurrency 64`, adaptive concurrency on, the default), ours with
+`api.adaptive_concurrency = false` (fixed at 64: what a sync did before), and dlt
+(benchmarks/dlt_pipeline.py) at each worker count of --dlt-workers (its extract workers and
+parallel items; the best is compared with ours). Every run gets a simulator of its own (its
+bucket full, its counters at zero); after the run its `GET /_stats` gives the requests it
+received, the 429s its limit answered and a series per second since the first request, drawn
+as a picture (ids/s and 429s per second over time). Targets: ours at least 90% of the limit in
+ids/s, at most 2% of requests answered 429 after the first 5 seconds. A peer falling short
+(dlt giving up on an id after its retries of 429s, ours with adaptive concurrency off failing
+ids) is a finding shown in the table, not a failed run.
 
-  rate-limited  the simulator allows 300 requests/s (`etl simulate --rate-limit 300`: a token
-                bucket of 30 tokens, 429 with Retry-After past it) at latency 50 ms; 20,000
-                ids. Sides: ours (`etl sync --concurrency 64`, adaptive concurrency on, the
-                default), ours with `api.adaptive_concurrency = false` (fixed at 64: what a
-                sync did before), and dlt (benchmarks/dlt_pipeline.py) at each worker count
-                of --dlt-workers (its extract workers and parallel items; the best is
-                reported as dlt's figure).
-  unlimited     no rate limit, latency 50 ms, concurrency 32, 4,000 ids (run.py's
-                latency-bound scenario): ours with adaptive concurrency on and off, in turn,
-                --rounds rounds (A B, B A, ...): the limiter must cost nothing when no 429
-                comes.
+unlimited: no rate limit, latency 50 ms, concurrency 32, run.py's latency-bound size: ours with
+adaptive concurrency on and off, in turn (A B, B A, ...): the limiter must cost nothing when no
+429 comes (target: on / off at least 95% round by round).
 
-Every run gets a simulator of its own (a subprocess, so its bucket starts full and its
-counters at zero) and a fresh PostgreSQL database (`bench_run_*` beside --pg-url, dropped
-afterwards); the client is measured as in run.py (wall time from start to exit, CPU of that
-process). After a run the simulator's `GET /_stats` gives the requests it received, the 429s
-its rate limit answered and a series per second since the first request (time zero).
-
-Printed: ids/s (ids in the file / wall time) and as % of the limit; the share of requests
-answered 429 overall and after the first 5 seconds. Saved beside this script (--out): a JSON
-file with every run and its per-second series, and a CSV of the series (side, second,
-requests, ids = answered 200 or 404, rate_limited) for plotting. Targets: ours at least 90% of
-the limit in ids/s, at most 2% of requests answered 429 after the first 5 seconds; the
-unlimited scenario within a few % of adaptive concurrency off. The exit code is 1 when a run of
-ours failed or landed the wrong rows; a peer failing (dlt giving up on an id after its retries
-of 429s, or ours with adaptive concurrency off failing ids) is shown, not an error.
+`limited_run` (one run against a fresh rate-limited simulator, its 429s attached) is shared
+with the scale-out scenario (scale_out.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import csv
-import itertools
-import json
-import os
-import shutil
-import socket
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from typing import TYPE_CHECKING
 
-import psycopg
-from run import HERE, PY, BenchError, _render, measure
+import plots
+from harness import (
+    CONCURRENCY,
+    DLT,
+    OURS,
+    BenchError,
+    Results,
+    Run,
+    Stat,
+    Target,
+    by_round,
+    log,
+    median,
+    rows_cell,
+    side_row,
+    side_table,
+    simulator_stats,
+    text_table,
+)
 
-from etl.simulator import DEFAULT_ACCESS_TOKEN, DEFAULT_TENANT_ID, payload_for
-
-DB_PREFIX = "bench_run_"
-SCENARIOS = ("rate-limited", "unlimited")
-OURS, FIXED, DLT = "commubo-etl", "commubo-etl fixed", "dlt 1.31"
+if TYPE_CHECKING:
+    from run import Bench
 
 RATE_LIMIT = 300
 LATENCY_MS = 50
-CONCURRENCY = 64
-IDS = 20_000
-UNLIMITED = {"ids": 4_000, "concurrency": 32, "latency_ms": 50}
+LIMITED_CONCURRENCY = 64
 SETTLE_S = 5  # 429s are counted "after the first SETTLE_S seconds" too
+FIXED = "commubo-etl fixed"
 
 TARGET_SHARE = 0.90
 TARGET_429_AFTER = 0.02
+TARGET_UNLIMITED_RATIO = 0.95
+
+HELP_RATE_LIMITED = (
+    f"a simulator allowing {RATE_LIMIT} requests/s at latency {LATENCY_MS} ms, 20,000 ids: ours "
+    f"(concurrency {LIMITED_CONCURRENCY}, adaptive), ours fixed, dlt at each --dlt-workers; "
+    "ids/s, 429s, a picture of both per second")
+HELP_UNLIMITED = (f"no rate limit, latency {LATENCY_MS} ms, concurrency {CONCURRENCY}, 4,000 "
+                  "ids: ours with adaptive concurrency on and off (it must cost nothing)")
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def limited_timeout(n: int, rate_limit: float = RATE_LIMIT) -> float:
+    """Generous: four times what the limit allows, plus two minutes."""
+    return 120 + 4 * n / rate_limit
 
 
-@dataclass
-class Result:
-    scenario: str
-    side: str
-    setting: str
-    ids: int
-    wall_s: float
-    cpu_s: float
-    exit_code: int
-    pipeline_s: float | None
-    rows: int
-    expected_rows: int
-    failed_ids: int | None
-    requests: int
-    rate_limited: int
-    requests_after: int
-    rate_limited_after: int
-    per_second: list[dict] = field(default_factory=list)
-    note: str = ""
-
-    @property
-    def ids_per_s(self) -> float:
-        return self.ids / self.wall_s
-
-    @property
-    def share_429(self) -> float:
-        return self.rate_limited / self.requests if self.requests else 0.0
-
-    @property
-    def share_429_after(self) -> float:
-        return self.rate_limited_after / self.requests_after if self.requests_after else 0.0
+def fixed_config(ctx: Bench) -> Path:
+    """A config file turning adaptive concurrency off (`--config` of the fixed side)."""
+    path = ctx.work / "adaptive-off.toml"
+    path.write_text("[api]\nadaptive_concurrency = false\n")
+    return path
 
 
-class Bench:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.work = Path(tempfile.mkdtemp(prefix="commubo-ratelimit-"))
-        self.results: list[Result] = []
-        self.failures: list[str] = []
-        self.failed_runs: list[tuple[str, str, str, str]] = []  # scenario, side, setting, why
-        self._seq = itertools.count(1)
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("ETL_", "COMMUBO_", "DLT_"))}
-        self.env.update(COMMUBO_TENANT_ID=DEFAULT_TENANT_ID,
-                        COMMUBO_ACCESS_TOKEN=DEFAULT_ACCESS_TOKEN,
-                        RUNTIME__DLTHUB_TELEMETRY="false")
-        self.fixed_config = self.work / "fixed.toml"
-        self.fixed_config.write_text("[api]\nadaptive_concurrency = false\n")
+def limited_run(ctx: Bench, res: Results, what: str, measure: Callable[[str], Run], *,
+                findings: dict[str, list[str]] | None = None, key: str = "",
+                rate_limit: float = RATE_LIMIT, latency_ms: float = LATENCY_MS) -> Run | None:
+    """`measure(url)` against a simulator of its own allowing `rate_limit` requests/s; the
+    simulator's counts go to the Run's extra: requests, rate_limited, the same after the
+    first SETTLE_S seconds (`*_after`), and per_second. A run that fails (or lands other rows
+    than expected) is a failure, or, given `findings` (a peer's shortfall is a finding), a
+    reason appended to `findings[key]`."""
+    strict = findings is None
+    try:
+        with ctx.simulator("--rate-limit", f"{rate_limit:g}", latency_ms=latency_ms) as url:
+            run = measure(url)
+            served = simulator_stats(url)
+    except BenchError as exc:
+        if findings is None:
+            res.fail(f"{what}: {exc}")
+        else:
+            findings.setdefault(key, []).append(_reason(str(exc)))
+            log(f"  {what} fell short: {exc}")
+        return None
+    series = served["per_second"]
+    after = [r for r in series if r["s"] >= SETTLE_S]
+    run.extra.update(requests=served["requests"], rate_limited=served["rate_limited"],
+                     requests_after=sum(r["requests"] for r in after),
+                     rate_limited_after=sum(r["rate_limited"] for r in after),
+                     per_second=series, rate_limit=rate_limit)
+    res.add(run, strict=strict)
+    log(f"    {run.ids_per_s / rate_limit:.1%} of the limit; 429 {share_429(run):.2%} overall, "
+        f"{share_429(run, after=True):.2%} after {SETTLE_S} s")
+    if findings is not None and not run.rows_ok:
+        failed = (run.extra.get("summary") or {}).get("failed")
+        findings.setdefault(key, []).append(f"{run.rows:,}/{run.expected:,} rows landed"
+                                            + (f", {failed} ids failed" if failed else ""))
+    return run
 
-    def close(self) -> None:
-        shutil.rmtree(self.work, ignore_errors=True)
 
-    # -- databases, ids, the simulator ---------------------------------------------------------
-
-    @contextlib.contextmanager
-    def fresh_db(self, tag: str) -> Iterator[str]:
-        name = f"{DB_PREFIX}{os.getpid()}_{next(self._seq)}_{tag}"
-        with psycopg.connect(self.args.pg_url, autocommit=True, connect_timeout=10) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield urlunsplit(urlsplit(self.args.pg_url)._replace(path="/" + name))
-        finally:
-            with psycopg.connect(self.args.pg_url, autocommit=True, connect_timeout=10) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    def count_rows(self, db_url: str, table: str) -> int:
-        with psycopg.connect(db_url, connect_timeout=10) as conn:
-            return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-
-    def ids_file(self, n: int) -> tuple[Path, int]:
-        """n ordinary ids (about 3% answer 404) and how many the simulator serves."""
-        path = self.work / f"ids-{n}.txt"
-        ids = [f"rl-{i:07d}" for i in range(n)]
-        path.write_text("\n".join(ids) + "\n")
-        return path, sum(payload_for(i) is not None for i in ids)
-
-    @contextlib.contextmanager
-    def simulator(self, latency_ms: float, rate_limit: float) -> Iterator[str]:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        logfile = open(self.work / f"simulator-{port}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [PY, "-m", "etl", "simulate", "--port", str(port), "--latency-ms", str(latency_ms),
-             "--rate-limit", str(rate_limit)],
-            stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=self.env, cwd=self.work)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while True:  # ready when /_stats answers (it counts no request)
-                if proc.poll() is not None:
-                    raise BenchError(f"the simulator exited with code {proc.returncode}")
-                with contextlib.suppress(OSError):
-                    stats(url)
-                    break
-                if time.monotonic() > deadline:
-                    raise BenchError("the simulator did not answer within 30 s")
-                time.sleep(0.1)
-            yield url
-        finally:
-            # SIGTERM, not Ctrl-C: a benchmark started in the background (`cmd &`) passes on
-            # an ignored SIGINT. The simulator keeps no state worth a clean exit.
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            logfile.close()
-
-    # -- one measured run ----------------------------------------------------------------------
-
-    def run(self, scenario: str, side: str, setting: str, *, ids: int, latency_ms: float,
-            rate_limit: float, workers: int) -> Result | None:
-        ids_path, expected = self.ids_file(ids)
-        timeout = 120 + 4 * ids / (rate_limit or 1000)
-        try:
-            with self.simulator(latency_ms, rate_limit) as url, \
-                    self.fresh_db(side.split()[0].replace("-", "_")) as db_url:
-                if side == DLT:
-                    work_dir = self.work / f"dlt-{next(self._seq)}"
-                    cmd = [PY, str(HERE / "dlt_pipeline.py"), str(ids_path), "--base-url", url,
-                           "--db-url", db_url, "--concurrency", str(workers),
-                           "--work-dir", str(work_dir)]
-                else:
-                    cmd = [PY, "-m", "etl", "sync", "--ids-file", str(ids_path), "--db-url",
-                           db_url, "--base-url", url, "--concurrency", str(workers), "--json"]
-                    if side == FIXED:
-                        cmd[4:4] = ["--config", str(self.fixed_config)]
-                child = measure(cmd, env=self.env, cwd=self.work, timeout_s=timeout)
-                if side == DLT:
-                    shutil.rmtree(work_dir, ignore_errors=True)
-                served = stats(url)
-                out = child.last_json()
-                # Exit 1 is a finished sync with failed ids: measured, its failures shown.
-                if not out or child.returncode not in (0, 1):
-                    raise BenchError(f"{side} ({setting}): {child.why()}")
-                table = "calls" if side != DLT else f"{out['dataset']}.{out['table']}"
-                rows = self.count_rows(db_url, table)
-        except BenchError as exc:
-            self.failures.append(f"{scenario} {side} ({setting}): {exc}")
-            self.failed_runs.append((scenario, side, setting, _reason(str(exc))))
-            log(f"  FAILED {scenario} {side} ({setting}): {exc}")
-            return None
-        series = served["per_second"]
-        after = [r for r in series if r["s"] >= SETTLE_S]
-        result = Result(
-            scenario, side, setting, ids, child.wall_s, child.cpu_s, child.returncode,
-            out.get("duration_s"), rows, expected,
-            out.get("failed") if side != DLT else None,
-            served["requests"], served["rate_limited"],
-            sum(r["requests"] for r in after), sum(r["rate_limited"] for r in after), series)
-        self.results.append(result)
-        limit = f" = {result.ids_per_s / rate_limit:6.1%} of the limit" if rate_limit else ""
-        log(f"  [{scenario}] {side:<17} {setting:<13} {result.wall_s:6.2f} s "
-            f"{result.ids_per_s:7.1f} ids/s{limit}; 429 {result.share_429:6.2%} overall, "
-            f"{result.share_429_after:6.2%} after {SETTLE_S} s; rows {rows}/{expected}"
-            + (f"; {result.failed_ids} failed" if result.failed_ids else ""))
-        return result
-
-    # -- scenarios -----------------------------------------------------------------------------
-
-    def scenario_rate_limited(self) -> list[str]:
-        a = self.args
-        log(f"rate-limited: limit {a.rate_limit:g}/s, latency {a.latency_ms:g} ms, "
-            f"concurrency {a.concurrency}, {a.ids} ids")
-        common = dict(ids=a.ids, latency_ms=a.latency_ms, rate_limit=a.rate_limit)
-        if "ours" in a.sides:
-            self.run("rate-limited", OURS, f"concurrency {a.concurrency}",
-                     workers=a.concurrency, **common)
-        if "fixed" in a.sides:
-            self.run("rate-limited", FIXED, f"concurrency {a.concurrency}",
-                     workers=a.concurrency, **common)
-        for w in a.dlt_workers if "dlt" in a.sides else ():
-            self.run("rate-limited", DLT, f"workers {w}", workers=w, **common)
-        return self.report_rate_limited()
-
-    def report_rate_limited(self) -> list[str]:
-        a = self.args
-        runs = [r for r in self.results if r.scenario == "rate-limited"]
-        rows = []
-        for r in runs:
-            inner = a.ids / r.pipeline_s if r.pipeline_s else None
-            rows.append([r.side, r.setting, f"{r.wall_s:.2f}", f"{r.ids_per_s:.1f}",
-                         f"{r.ids_per_s / a.rate_limit:.1%}",
-                         f"{inner:.1f}" if inner else "-", f"{r.requests:,}",
-                         f"{r.rate_limited:,}", f"{r.share_429:.2%}", f"{r.share_429_after:.2%}",
-                         f"{1000 * r.cpu_s / r.ids:.2f}",
-                         f"{r.rows:,}/{r.expected_rows:,}"
-                         + ("" if r.rows == r.expected_rows else " !!")
-                         + (f" ({r.failed_ids} ids failed)" if r.failed_ids else "")])
-        for scenario, side, setting, why in self.failed_runs:
-            if scenario == "rate-limited":
-                rows.append([side, setting, "-", "-", "-", "-", "-", "-", "-", "-", "-",
-                             f"run failed: {why}"])
-        lines = [f"Rate-limited: limit {a.rate_limit:g} requests/s (bucket "
-                 f"{max(1, a.rate_limit / 10):g}), latency {a.latency_ms:g} ms, {a.ids:,} ids",
-                 _render(["side", "setting", "wall s", "ids/s", "% of limit", "in-pipeline",
-                          "requests", "429s", "429 %", f"429 % after {SETTLE_S}s",
-                          "CPU ms/id", "rows"], rows), ""]
-        ours = next((r for r in runs if r.side == OURS), None)
-        dlts = [r for r in runs if r.side == DLT]
-        best = max(dlts, key=lambda r: r.ids_per_s, default=None)
-        if best is not None:
-            lines.append(f"dlt's best setting: {best.setting} ({best.ids_per_s:.1f} ids/s, "
-                         f"{best.share_429_after:.2%} 429s after {SETTLE_S} s)")
-        if ours is not None:
-            share = ours.ids_per_s / a.rate_limit
-            lines.append(f"target: {OURS} >= {TARGET_SHARE:.0%} of the limit: {share:.1%} "
-                         f"{'met' if share >= TARGET_SHARE else 'NOT met'}")
-            lines.append(f"target: <= {TARGET_429_AFTER:.0%} of requests answered 429 after "
-                         f"the first {SETTLE_S} s: {ours.share_429_after:.2%} "
-                         f"{'met' if ours.share_429_after <= TARGET_429_AFTER else 'NOT met'}")
-            if best is not None:
-                lines.append(f"{OURS} / dlt (best): throughput "
-                             f"x{ours.ids_per_s / best.ids_per_s:.2f}")
-        return lines
-
-    def scenario_unlimited(self) -> list[str]:
-        u = UNLIMITED
-        log(f"unlimited: no rate limit, latency {u['latency_ms']} ms, concurrency "
-            f"{u['concurrency']}, {u['ids']} ids, {self.args.rounds} round(s)")
-        for rnd in range(1, self.args.rounds + 1):
-            for side in (OURS, FIXED) if rnd % 2 else (FIXED, OURS):  # A B, B A, ...: no order bias
-                self.run("unlimited", side, f"round {rnd}", ids=u["ids"],
-                         latency_ms=u["latency_ms"], rate_limit=0, workers=u["concurrency"])
-        bound = u["concurrency"] * 1000 / u["latency_ms"]
-        rows, medians = [], {}
-        for side, label in ((OURS, "adaptive on (default)"), (FIXED, "adaptive off")):
-            runs = [r for r in self.results if r.scenario == "unlimited" and r.side == side]
-            if not runs:
-                continue
-            medians[side] = statistics.median(r.ids_per_s for r in runs)
-            inner = [u["ids"] / r.pipeline_s for r in runs if r.pipeline_s]
-            rows.append([label, str(len(runs)), f"{medians[side]:.1f}",
-                         f"{medians[side] / bound:.1%}",
-                         f"{statistics.median(inner):.1f}" if inner else "-",
-                         " ".join(f"{r.ids_per_s:.0f}" for r in runs)])
-        lines = [f"Unlimited: latency {u['latency_ms']} ms, concurrency {u['concurrency']}, "
-                 f"{u['ids']:,} ids, no rate limit (bound {bound:.0f} ids/s), medians",
-                 _render(["commubo-etl", "runs", "ids/s", "% of bound", "in-pipeline",
-                          "each run"], rows), ""]
-        if len(medians) == 2:
-            lines.append(f"adaptive on / off: {medians[OURS] / medians[FIXED]:.3f}")
-        return lines
-
-    # -- saving --------------------------------------------------------------------------------
-
-    def save(self, out: Path, started: datetime) -> None:
-        doc = {"started": started.isoformat(timespec="seconds"),
-               "command": " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
-               "settle_s": SETTLE_S,
-               "args": {k: v for k, v in vars(self.args).items()
-                        if k not in ("pg_url", "out")},
-               "failed_runs": [dict(zip(("scenario", "side", "setting", "why"), f, strict=True))
-                               for f in self.failed_runs],
-               "runs": []}
-        for r in self.results:
-            run = asdict(r)
-            run.update(ids_per_s=round(r.ids_per_s, 2), share_429=round(r.share_429, 5),
-                       share_429_after=round(r.share_429_after, 5))
-            doc["runs"].append(run)
-        out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
-        with out.with_suffix(".csv").open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["scenario", "side", "setting", "second", "requests", "ids", "ok",
-                        "not_found", "rate_limited"])
-            for r in self.results:
-                for row in r.per_second:
-                    w.writerow([r.scenario, r.side, r.setting, row["s"], row["requests"],
-                                row["ok"] + row["not_found"], row["ok"], row["not_found"],
-                                row["rate_limited"]])
+def share_429(run: Run, after: bool = False) -> float:
+    """The share of the requests a run sent that the rate limit answered with 429 (`after`:
+    after the first SETTLE_S seconds)."""
+    suffix = "_after" if after else ""
+    sent = run.extra.get("requests" + suffix) or 0
+    return run.extra.get("rate_limited" + suffix, 0) / sent if sent else 0.0
 
 
 def _reason(text: str) -> str:
     """The gist of a failed run's error, for the table."""
     if "429" in text:
         return "an id got 429 on every attempt"
-    return text.rsplit("|", 1)[-1].strip()[:60]
+    return text.rsplit("|", 1)[-1].strip()[:80]
 
 
-def stats(url: str) -> dict:
-    with urllib.request.urlopen(url + "/_stats", timeout=5) as resp:
-        return json.loads(resp.read())
+def median_run(runs: list[Run]) -> Run:
+    """The run of the median ids/s (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r.ids_per_s)[(len(runs) - 1) // 2]
+
+
+def limited_row(label: str, setting: str, runs: list[Run], limit: float, expected: int
+                ) -> list[str]:
+    """A row of the rate-limited tables: wall, ids/s, % of the limit, requests, 429s, CPU,
+    rows, each the median (spread) over rounds."""
+    if not runs:
+        return [label, setting, *["-"] * 7, "failed"]
+    return [label, setting, Stat.of(r.wall_s for r in runs).fmt(".2f"),
+            Stat.of(r.ids_per_s for r in runs).fmt(".1f"),
+            Stat.of(r.ids_per_s / limit for r in runs).fmt(".1%"),
+            Stat.of(r.extra["requests"] for r in runs).fmt(",.0f"),
+            Stat.of(share_429(r) for r in runs).fmt(".2%"),
+            Stat.of(share_429(r, after=True) for r in runs).fmt(".2%"),
+            Stat.of(r.cpu_ms_per_id for r in runs).fmt(".3f"),
+            rows_cell([r.rows for r in runs], expected)]
+
+
+LIMITED_HEADERS = ["side", "setting", "wall s", "ids/s", "% of limit", "requests", "429 %",
+                   f"429 % after {SETTLE_S} s", "CPU ms/id", "rows landed"]
+
+
+def rate_limited(ctx: Bench) -> Results:
+    res = Results()
+    n = ctx.sizes["rate_ids"]
+    ids, expected = ctx.ids_file("rl", n)
+    config = fixed_config(ctx)
+    timeout = limited_timeout(n)
+    conc = LIMITED_CONCURRENCY
+    log(f"rate-limited: limit {RATE_LIMIT}/s, latency {LATENCY_MS} ms, {n} ids; ours and ours "
+        f"fixed at concurrency {conc}, dlt at {ctx.dlt_workers} workers; {ctx.rounds} round(s)")
+    # (Run.side, table label, setting, measure(url, round), a peer whose shortfall is a finding)
+    sides: list[tuple[str, str, str, Callable[[str, int], Run], bool]] = [
+        (OURS, OURS, f"concurrency {conc}, adaptive",
+         lambda url, rnd: ctx.sync("rate-limited", rnd, url, ids, n, expected, side=OURS,
+                                   concurrency=conc, timeout_s=timeout), False),
+        (FIXED, FIXED, f"concurrency {conc}, fixed",
+         lambda url, rnd: ctx.sync("rate-limited", rnd, url, ids, n, expected, side=FIXED,
+                                   concurrency=conc, timeout_s=timeout, ok_codes=(0, 1),
+                                   options=["--config", str(config)]), True)]
+    for w in ctx.dlt_workers:
+        sides.append((f"{DLT} ({w} workers)", DLT, f"{w} workers",
+                      lambda url, rnd, w=w: ctx.dlt("rate-limited", rnd, url, ids, n, expected,
+                                                    side=f"{DLT} ({w} workers)", concurrency=w,
+                                                    timeout_s=timeout), True))
+    findings: dict[str, list[str]] = {}
+    for rnd in ctx.round_numbers():
+        for side, _, setting, fn, peer in sides:
+            limited_run(ctx, res, f"rate-limited round {rnd} {side} ({setting})",
+                        lambda url, fn=fn, rnd=rnd: fn(url, rnd),
+                        findings=findings if peer else None, key=side)
+    runs = {side: res.select("rate-limited", side) for side, *_ in sides}
+    lines = [text_table(LIMITED_HEADERS, [
+        limited_row(label, setting, runs[side], RATE_LIMIT, expected)
+        for side, label, setting, *_ in sides]), ""]
+    for side, whys in findings.items():
+        lines.append(f"{side}: fell short in {len(whys)} of {ctx.rounds} round(s): "
+                     + "; ".join(sorted(set(whys))))
+    dlts = [side for side, *_ in sides if side.startswith(DLT) and runs[side]]
+    best = max(dlts, key=lambda s: median(r.ids_per_s for r in runs[s]), default=None)
+    ours = runs[OURS]
+    if best and ours:
+        speed = median(r.ids_per_s for r in ours) / median(r.ids_per_s for r in runs[best])
+        lines.append(f"dlt's best setting: {best}; {OURS} / it: throughput x{speed:.2f}, 429s "
+                     f"{median(share_429(r) for r in ours):.2%} vs "
+                     f"{median(share_429(r) for r in runs[best]):.2%} of the requests")
+    res.section(f"Rate-limited: a limit of {RATE_LIMIT} requests/s (bucket {RATE_LIMIT // 10}), "
+                f"latency {LATENCY_MS} ms, {n:,} ids", *lines)
+    share = Stat.of(r.ids_per_s / RATE_LIMIT for r in ours)
+    note = ctx.quick_note("rate_ids")
+    res.targets.append(Target.of(
+        "rate-limited", f"ours >= {TARGET_SHARE:.0%} of the limit ({RATE_LIMIT}/s) in ids/s",
+        share, lambda v: v >= TARGET_SHARE,
+        f"{Stat.of(r.ids_per_s for r in ours).fmt('.1f')} ids/s = {share.fmt('.1%')}", note))
+    after = Stat.of(share_429(r, after=True) for r in ours)
+    res.targets.append(Target.of(
+        "rate-limited", f"ours: <= {TARGET_429_AFTER:.0%} of requests answered 429 after the "
+        f"first {SETTLE_S} s", after, lambda v: v <= TARGET_429_AFTER, after.fmt(".2%"), note))
+    drawn = {label: median_run(runs[side]).extra["per_second"]
+             for side, label in ((OURS, f"{OURS} (adaptive)"), (FIXED, FIXED), (best, best))
+             if side and runs.get(side)}
+    if drawn:
+        ctx.figure(res, "rate-limited-series.png", f"Rate-limited ({RATE_LIMIT} requests/s, "
+                   f"{n:,} ids): ids answered and 429s per second, the median round of each "
+                   "side", plots.rate_series, drawn, RATE_LIMIT,
+                   f"{RATE_LIMIT} requests/s allowed, latency {LATENCY_MS} ms, {n:,} ids "
+                   "(median round of each side)")
+    return res
+
+
+def unlimited(ctx: Bench) -> Results:
+    res = Results()
+    n = ctx.sizes["latency_ids"]
+    bound = CONCURRENCY * 1000 / LATENCY_MS
+    ids, expected = ctx.ids_file("lat", n)
+    config = fixed_config(ctx)
+    log(f"unlimited: latency {LATENCY_MS} ms, concurrency {CONCURRENCY}, {n} ids, adaptive "
+        f"concurrency on and off, {ctx.rounds} round(s)")
+    with ctx.simulator(latency_ms=LATENCY_MS) as url:
+        for rnd in ctx.round_numbers():
+            order = (OURS, FIXED) if rnd % 2 else (FIXED, OURS)  # A B, B A: no order bias
+            for side in order:
+                options = ["--config", str(config)] if side == FIXED else []
+                res.record(f"unlimited {side}", ctx.sync, "unlimited", rnd, url, ids, n,
+                           expected, side=side, options=options)
+    on, off = res.select("unlimited", OURS), res.select("unlimited", FIXED)
+    ratio = Stat.of(a.ids_per_s / b.ids_per_s for a, b in by_round(on, off))
+    res.section(f"Unlimited: no rate limit, latency {LATENCY_MS} ms, concurrency {CONCURRENCY}, "
+                f"{n:,} ids (bound {bound:.0f} ids/s): adaptive concurrency on and off",
+                side_table([side_row(on, "adaptive on (default)", f"{n:,}", bound),
+                            side_row(off, "adaptive off", f"{n:,}", bound)], bound,
+                           first=OURS), "",
+                f"ids/s adaptive on / off, round by round: {ratio.fmt('.3f')}")
+    res.targets.append(Target.of(
+        "unlimited", f"adaptive concurrency on >= {TARGET_UNLIMITED_RATIO:.0%} of off's ids/s "
+        "without 429s (round by round)", ratio, lambda v: v >= TARGET_UNLIMITED_RATIO,
+        f"x{ratio.fmt('.3f')}", ctx.quick_note("latency_ids")))
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--only", help=f"comma-separated scenarios: {','.join(SCENARIOS)}")
-    p.add_argument("--ids", type=int, default=IDS)
-    p.add_argument("--rate-limit", type=float, default=RATE_LIMIT)
-    p.add_argument("--latency-ms", type=float, default=LATENCY_MS)
-    p.add_argument("--concurrency", type=int, default=CONCURRENCY)
-    p.add_argument("--dlt-workers", default="64,32,16",
-                   help="dlt extract workers (= max parallel items) to try, comma-separated; "
-                   "'' for none (default 64,32,16)")
-    p.add_argument("--sides", default="ours,fixed,dlt",
-                   help="sides of the rate-limited scenario: ours, fixed (ours with adaptive "
-                   "concurrency off), dlt (default all)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds of the unlimited scenario")
-    p.add_argument("--pg-url", default=os.environ.get(
-        "BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test"),
-        help="a database on the PostgreSQL server to use (env BENCH_PG_URL)")
-    p.add_argument("--out", default=str(HERE / "rate_limited"),
-                   help="where to save the runs: OUT.json and OUT.csv (default "
-                   "benchmarks/rate_limited.*)")
-    args = p.parse_args(argv)
-    args.dlt_workers = [int(w) for w in args.dlt_workers.split(",") if w.strip()]
-    args.sides = sorted({x.strip() for x in args.sides.split(",") if x.strip()})
-    if unknown := set(args.sides) - {"ours", "fixed", "dlt"}:
-        p.error(f"unknown side(s) {', '.join(sorted(unknown))}; choose from ours, fixed, dlt")
-    scenarios = [s.strip() for s in (args.only or ",".join(SCENARIOS)).split(",") if s.strip()]
-    if unknown := [s for s in scenarios if s not in SCENARIOS]:
-        p.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    """run.py with `--only rate-limited,unlimited` first (a later --only wins)."""
+    import run
 
-    started = datetime.now(UTC)
-    load = os.getloadavg()[0]
-    if load >= 1:
-        log(f"warning: load average {load:.2f}: the machine is busy, figures will be noisy")
-    bench = Bench(args)
-    sections: list[list[str]] = []
-    try:
-        for name in scenarios:
-            sections.append(getattr(bench, "scenario_" + name.replace("-", "_"))())
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
-    finally:
-        bench.close()
-    print(f"\ncommubo-etl rate-limited benchmark, {started:%Y-%m-%d %H:%M} UTC, load average "
-          f"{load:.2f} before, {os.getloadavg()[0]:.2f} after\n")
-    for lines in sections:
-        print("\n".join(lines) + "\n")
-    if bench.failures:
-        print("Failed runs:\n" + "\n".join(f"- {f}" for f in bench.failures) + "\n")
-    out = Path(args.out)
-    bench.save(out, started)
-    print(f"runs and per-second series saved to {os.path.relpath(out.with_suffix('.json'))} "
-          f"and {os.path.relpath(out.with_suffix('.csv'))}")
-    # A peer failing under the rate limit is a finding, not a failure of the benchmark.
-    ours_failed = any(side != DLT for _, side, _, _ in bench.failed_runs) or any(
-        r.rows != r.expected_rows for r in bench.results if r.side == OURS)
-    return 1 if ours_failed else 0
+    return run.main(["--only", "rate-limited,unlimited",
+                     *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,99 +1,76 @@
-"""What a rerun writes when nothing changed (issue #12, item 3).
+"""The rerun-writes scenario of benchmarks/run.py: what a rerun writes when nothing changed
+(issue #12, item 3). Run it with run.py, or with this file, which is run.py with `--only
+rerun-writes` (its other options pass through):
 
-    uv run python benchmarks/rerun_writes.py                 # 20,000 calls
-    uv run python benchmarks/rerun_writes.py --calls 2000    # a quick look
-    uv run python benchmarks/rerun_writes.py --checkpoint    # a CHECKPOINT before each run
+    uv run --group bench python benchmarks/run.py --only rerun-writes
+    uv run --group bench python benchmarks/rerun_writes.py --quick
+    uv run --group bench python benchmarks/rerun_writes.py --etl-root ../before-the-change
 
-Starts the simulator in a thread (127.0.0.1, a free port, no latency), creates a fresh
-database `bench_rerun_*` on the PostgreSQL of --pg-url (dropped afterwards), upgrades it, then
-runs `python -m etl sync` as a subprocess over --calls ids the simulator serves, and then the
-same command over the same ids again (no --skip-loaded). Around each run it reads:
+A fresh database per round, upgraded first (`etl db upgrade`, not measured); then `etl sync`
+over 20,000 ids the simulator (latency 0) all serves, and the same command over the same ids
+again (no --skip-loaded); both measured as every run of run.py. Around each run it reads:
 
 * WAL: `pg_current_wal_lsn()` before and after (`pg_wal_lsn_diff`). The LSN is the server's,
   so it also counts what other databases of that server wrote meanwhile; with pg_walinspect
   (PostgreSQL 15+, contrib) the WAL records of the run are also split by relation of this
   database (heap and indexes of each table, full-page images apart), which other databases
-  cannot inflate.
+  cannot inflate; a temporary replication slot keeps that WAL until it is read.
 * rows: n_tup_ins, n_tup_upd (of which HOT), n_tup_del per table from pg_stat_user_tables,
   read once the run's sessions have ended (a session flushes its counts when it exits) and
   after pg_stat_clear_snapshot().
 
---checkpoint issues a CHECKPOINT before each run: the first change of each page after a
-checkpoint writes a full-page image, so this is what a rerun hours after the first load pays
-(a rerun right after it may fall in the same checkpoint cycle and write fewer of them).
---etl-root runs `etl` from another copy of the repository (PYTHONPATH), e.g. the code before a
-change, to print the same figures for it (its own migrations make the schema).
+Twice: a rerun right after the first load (it may fall in the same checkpoint cycle), and with
+a CHECKPOINT before each run: the first change of each page after a checkpoint writes a
+full-page image, so this is what a rerun hours after the first load pays. `--etl-root PATH`
+(repeatable) also measures `etl` from another copy of the repository (PYTHONPATH), e.g. the
+code before a change; its own migrations make the schema; no target is judged on it.
 
 On a rerun that finds nothing changed, the one table written is etl_call_status: one update
-per id, HOT (heap-only: no index entry, a small WAL record) since migration 0004, whose table
-and index sizes after the first load are printed too (its pages are filled to 50%).
-
-The target of the issue: the rerun's WAL at most 10% of the first load's, n_tup_upd of the
-data tables near zero.
+per id, HOT (heap-only: no index entry, a small WAL record) since migration 0004; its table and
+index sizes after each run are shown (its pages are filled to 50%). Targets (the issue's): the
+rerun's WAL at most 10% of the first load's (this database's relations when pg_walinspect can
+tell them apart, else the LSN difference), in each mode; no update of a data table on a rerun.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
-from sqlalchemy.engine import URL
+from harness import (
+    REPO,
+    BenchError,
+    Results,
+    Run,
+    Stat,
+    Target,
+    count_rows,
+    etl_command,
+    log,
+    sync_timeout,
+    text_table,
+)
 
 from etl.schema import DATA_TABLES
-from etl.simulator import DEFAULT_ACCESS_TOKEN, DEFAULT_TENANT_ID, Simulator, payload_for
 
-REPO = Path(__file__).resolve().parent.parent
+if TYPE_CHECKING:
+    from run import Bench
+
 DATA = [t.name for t in DATA_TABLES]
 TARGET_WAL_RATIO = 0.10
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def servable_ids(n: int) -> list[str]:
-    """The first `n` ids `call-000001`... that the simulator answers with a call (about 3%
-    answer 404; they are left out, so that every id requested is a call loaded)."""
-    out: list[str] = []
-    number = 1
-    while len(out) < n:
-        call_id = f"call-{number:07d}"
-        if payload_for(call_id) is not None:
-            out.append(call_id)
-        number += 1
-    return out
-
-
-@contextlib.contextmanager
-def fresh_database(server: str) -> Iterator[str]:
-    """A new database on the server of `server` (a libpq URL), dropped afterwards."""
-    name = f"bench_rerun_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield psycopg.conninfo.make_conninfo(server, dbname=name)
-    finally:
-        with psycopg.connect(server, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def sqlalchemy_url(conninfo: str) -> str:
-    params = psycopg.conninfo.conninfo_to_dict(conninfo)
-    return URL.create("postgresql+psycopg", username=params.get("user"),
-                      password=params.get("password"), host=params.get("host"),
-                      port=int(params["port"]) if params.get("port") else None,
-                      database=params["dbname"]).render_as_string(hide_password=False)
+MODES = {False: "rerun right after the first load", True: "a CHECKPOINT before each run"}
+HELP = ("20,000 ids synced into a fresh database, then the same command again with nothing "
+        "changed: the rerun's WAL against the first load's (pg_walinspect by relation) and "
+        "its row updates; right after, and with a CHECKPOINT before each run")
 
 
 @dataclass
@@ -104,14 +81,116 @@ class Snapshot:
 
 
 @dataclass
-class Measured:
-    wall_s: float
+class Writes:
+    """What one run wrote."""
+
     wal_bytes: int
     by_relation: dict[str, tuple[int, int, int]] | None  # what: records, bytes, FPI bytes
-    rows: dict[str, tuple[int, int, int, int]]
+    rows: dict[str, tuple[int, int, int, int]]  # table: ins, upd, hot upd, del
     checkpoints: int
-    summary: dict
     status_size: tuple[int, int]  # etl_call_status after the run: heap, indexes (bytes)
+
+    @property
+    def own_wal(self) -> int | None:
+        """WAL of this database's relations (pg_walinspect), None when not known."""
+        return None if self.by_relation is None else sum(v[1] for v in
+                                                         self.by_relation.values())
+
+    @property
+    def fpi(self) -> int | None:
+        return None if self.by_relation is None else sum(v[2] for v in
+                                                         self.by_relation.values())
+
+
+def rerun_writes(ctx: Bench) -> Results:
+    res = Results()
+    n = ctx.sizes["rerun_calls"]
+    ids, expected = ctx.ids_file("rerun", n, servable_only=True)
+    roots = [REPO, *(Path(r).resolve() for r in ctx.etl_roots)]
+    log(f"rerun writes: {n} ids, latency 0, a first load and a rerun, with and without a "
+        f"CHECKPOINT before each run, {ctx.rounds} round(s)" +
+        (f"; also etl from {', '.join(map(str, roots[1:]))}" if roots[1:] else ""))
+    with ctx.simulator(latency_ms=0) as url:
+        for root in roots:
+            label = "" if root == REPO else f" [etl from {root}]"
+            env = ctx.env if root == REPO else {
+                **ctx.env, "PYTHONPATH": os.pathsep.join(
+                    filter(None, (str(root), ctx.env.get("PYTHONPATH"))))}
+            for checkpoint in MODES:
+                scenario = "rerun-writes" + (" checkpoint" if checkpoint else "") + label
+                for rnd in ctx.round_numbers():
+                    res.attempt(f"{scenario} round {rnd}", _round, ctx, res, scenario, rnd, url,
+                                ids, n, expected, env, checkpoint)
+                _report(res, scenario, MODES[checkpoint] + label, n,
+                        ctx.quick_note("rerun_calls") if root == REPO else None)
+    return res
+
+
+def _round(ctx: Bench, res: Results, scenario: str, rnd: int, url: str, ids: Path, n: int,
+           expected: int, env: dict[str, str], checkpoint: bool) -> None:
+    """A first load and a rerun into a fresh database; an error of PostgreSQL is a
+    BenchError (a failure of this round)."""
+    try:
+        _pair(ctx, res, scenario, rnd, url, ids, n, expected, env, checkpoint)
+    except psycopg.Error as exc:
+        raise BenchError(f"PostgreSQL: {type(exc).__name__}: {exc}") from None
+
+
+def _pair(ctx: Bench, res: Results, scenario: str, rnd: int, url: str, ids: Path, n: int,
+          expected: int, env: dict[str, str], checkpoint: bool) -> None:
+    with ctx.fresh_db("rerun") as db_url:
+        upgrade = subprocess.run(etl_command("db", "upgrade", "--db-url", db_url), env=env,
+                                 cwd=ctx.work, capture_output=True, text=True, timeout=300)
+        if upgrade.returncode != 0:
+            raise BenchError(f"etl db upgrade: {upgrade.stderr.strip()[-300:]}")
+        with psycopg.connect(db_url, autocommit=True, connect_timeout=10) as conn:
+            inspect = False
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+                # A temporary slot (gone with this session) keeps the runs' WAL from being
+                # recycled before it is read: other databases' DROP DATABASE checkpoints.
+                conn.execute("SELECT pg_create_physical_replication_slot(%s, true, true)",
+                             (f"bench_rerun_{uuid.uuid4().hex[:12]}",))
+                inspect = True
+            for side in ("first load", "rerun"):
+                run = _measured(ctx, conn, scenario, side, rnd, url, ids, n, expected, env,
+                                db_url, checkpoint, inspect)
+                res.add(run)
+                loaded = run.extra["summary"].get("loaded")
+                if loaded != expected:
+                    res.fail(f"{scenario} round {rnd} {side}: {loaded} ids loaded, expected "
+                             f"{expected}")
+                w: Writes = run.extra["writes"]
+                log(f"    WAL {w.wal_bytes / 2**20:.2f} MB (LSN)"
+                    + (f", {w.own_wal / 2**20:.2f} MB this database's" if inspect else ""))
+
+
+def _measured(ctx: Bench, conn: psycopg.Connection, scenario: str, side: str, rnd: int,
+              url: str, ids: Path, n: int, expected: int, env: dict[str, str], db_url: str,
+              checkpoint: bool, inspect: bool) -> Run:
+    """One `etl sync` measured as every run of run.py, and what it wrote (WAL, row counts)."""
+    if checkpoint:
+        conn.execute("CHECKPOINT")
+    before = snapshot(conn)
+    child = ctx.measure(etl_command("sync", "--ids-file", str(ids), "--db-url", db_url,
+                                    "--base-url", url, "--json"), sync_timeout(n), env)
+    summary = child.last_json()
+    if child.returncode != 0 or not summary:
+        raise BenchError(f"{side}: {child.why()}")
+    after = snapshot(conn)  # before anything else reads the tables (hint bits)
+    wal = conn.execute("SELECT pg_wal_lsn_diff(%s::pg_lsn, %s::pg_lsn)::bigint",
+                       (after.lsn, before.lsn)).fetchone()[0]
+    rows = {name: tuple(a - b for a, b in zip(after.stats[name],
+                                              before.stats.get(name, (0, 0, 0, 0)),
+                                              strict=True))
+            for name in after.stats}
+    size = conn.execute("SELECT pg_relation_size('etl_call_status'), "
+                        "pg_indexes_size('etl_call_status')").fetchone()
+    writes = Writes(int(wal), wal_by_relation(conn, before.lsn, after.lsn) if inspect else None,
+                    rows, after.checkpoints - before.checkpoints, (int(size[0]), int(size[1])))
+    return Run(scenario, side, n, rnd, child.wall_s, child.cpu_s, child.rss_mb,
+               count_rows(db_url, "calls"), expected,
+               {"pipeline_s": summary.get("duration_s"), "summary": summary, "writes": writes})
 
 
 def wait_for_other_sessions(conn: psycopg.Connection, timeout_s: float = 30) -> None:
@@ -121,7 +200,7 @@ def wait_for_other_sessions(conn: psycopg.Connection, timeout_s: float = 30) -> 
     while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
                        "current_database() AND pid <> pg_backend_pid()").fetchone()[0]:
         if time.monotonic() > deadline:
-            raise RuntimeError("the sync's sessions did not end")
+            raise BenchError("the sync's sessions did not end")
         time.sleep(0.05)
 
 
@@ -146,7 +225,14 @@ def wal_by_relation(conn: psycopg.Connection, start: str, end: str
     """The WAL records between two LSNs that touch a relation of this database (their first
     block reference), by table ("calls", "calls (indexes)", ...): records, bytes, FPI bytes.
     Records of no relation (commits and the like) cannot be told apart from other databases'
-    and are left out."""
+    and are left out. Waits until the WAL up to `end` is flushed (pg_walinspect reads no
+    further: "cannot accept future end LSN")."""
+    deadline = time.monotonic() + 30
+    while not conn.execute("SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn",
+                           (end,)).fetchone()[0]:
+        if time.monotonic() > deadline:
+            raise BenchError(f"the WAL up to {end} was not flushed within 30 s")
+        time.sleep(0.05)
     rows = conn.execute("""
         WITH recs AS (
             SELECT r.record_length, r.fpi_length,
@@ -177,146 +263,88 @@ def wal_by_relation(conn: psycopg.Connection, start: str, end: str
     return out
 
 
-def sync(ids_file: Path, env: dict[str, str], cwd: Path, timeout_s: float) -> tuple[float, dict]:
-    cmd = [sys.executable, "-m", "etl", "sync", "--ids-file", str(ids_file), "--json"]
-    started = time.monotonic()
-    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout_s)
-    wall = time.monotonic() - started
-    if proc.returncode != 0:
-        raise RuntimeError(f"etl sync exited {proc.returncode}: {proc.stderr[-2000:]}")
-    return wall, json.loads(proc.stdout.strip().splitlines()[-1])
+def _mb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.2f}"
 
 
-def measure(conn: psycopg.Connection, ids_file: Path, env: dict[str, str], cwd: Path,
-            checkpoint: bool, inspect: bool, timeout_s: float) -> Measured:
-    if checkpoint:
-        conn.execute("CHECKPOINT")
-    before = snapshot(conn)
-    wall, summary = sync(ids_file, env, cwd, timeout_s)
-    after = snapshot(conn)
-    wal = conn.execute("SELECT pg_wal_lsn_diff(%s::pg_lsn, %s::pg_lsn)::bigint",
-                       (after.lsn, before.lsn)).fetchone()[0]
-    rows = {name: tuple(a - b for a, b in zip(after.stats[name],
-                                              before.stats.get(name, (0, 0, 0, 0)),
-                                              strict=True))
-            for name in after.stats}
-    size = conn.execute("SELECT pg_relation_size('etl_call_status'), "
-                        "pg_indexes_size('etl_call_status')").fetchone()
-    return Measured(wall, int(wal), wal_by_relation(conn, before.lsn, after.lsn)
-                    if inspect else None, rows, after.checkpoints - before.checkpoints,
-                    summary, (int(size[0]), int(size[1])))
+def _ratio(first: Run, rerun: Run) -> float:
+    """The rerun's WAL over the first load's: this database's relations when known."""
+    a, b = first.extra["writes"], rerun.extra["writes"]
+    if a.own_wal is not None and b.own_wal is not None and a.own_wal:
+        return b.own_wal / a.own_wal
+    return b.wal_bytes / a.wal_bytes
 
 
-def run_scenario(args: argparse.Namespace, sim: Simulator, ids_file: Path, etl_root: Path,
-                 n: int) -> tuple[Measured, Measured]:
-    with fresh_database(args.pg_url) as conninfo:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("COMMUBO_", "ETL_DATABASE_URL", "ETL_CONFIG"))}
-        env.update(COMMUBO_BASE_URL=sim.url, COMMUBO_TENANT_ID=DEFAULT_TENANT_ID,
-                   COMMUBO_ACCESS_TOKEN=DEFAULT_ACCESS_TOKEN,
-                   ETL_DATABASE_URL=sqlalchemy_url(conninfo))
-        if etl_root != REPO:
-            env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (str(etl_root), env.get("PYTHONPATH")) if p)
-        upgrade = subprocess.run([sys.executable, "-m", "etl", "db", "upgrade"], env=env,
-                                 cwd=etl_root, capture_output=True, text=True, timeout=300)
-        if upgrade.returncode != 0:
-            raise RuntimeError(f"etl db upgrade failed: {upgrade.stderr[-2000:]}")
-        with psycopg.connect(conninfo, autocommit=True) as conn:
-            inspect = False
-            with contextlib.suppress(psycopg.Error):
-                conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
-                # A temporary slot (gone with this session) keeps the runs' WAL from being
-                # recycled before it is read: other databases' DROP DATABASE checkpoints.
-                conn.execute("SELECT pg_create_physical_replication_slot(%s, true, true)",
-                             (f"bench_rerun_{uuid.uuid4().hex[:12]}",))
-                inspect = True
-            timeout_s = 120 + n / 50
-            log(f"  first load of {n} calls ...")
-            first = measure(conn, ids_file, env, etl_root, args.checkpoint, inspect, timeout_s)
-            log(f"    {first.wall_s:.1f}s, {first.summary.get('loaded')} loaded")
-            log("  rerun of the same ids ...")
-            rerun = measure(conn, ids_file, env, etl_root, args.checkpoint, inspect, timeout_s)
-            log(f"    {rerun.wall_s:.1f}s, {rerun.summary.get('loaded')} loaded")
-    for m in (first, rerun):
-        if m.summary.get("loaded") != n:
-            raise RuntimeError(f"expected {n} calls loaded, the run says {m.summary}")
-    return first, rerun
+def _report(res: Results, scenario: str, title: str, n: int, note: str | None) -> None:
+    """The section of one mode, and its targets unless `note` is None (another etl's)."""
+    firsts = {r.round: r for r in res.select(scenario, "first load")}
+    pairs = [(firsts[r.round], r) for r in res.select(scenario, "rerun") if r.round in firsts]
+    ratio = Stat.of(_ratio(a, b) for a, b in pairs)
+    data_upd = Stat.of(sum(b.extra["writes"].rows.get(t, (0, 0, 0, 0))[1] for t in DATA)
+                       for _, b in pairs)
+    if note is not None:
+        what = "this database's relations" if pairs and pairs[0][0].extra[
+            "writes"].by_relation is not None else "LSN difference"
+        res.targets.append(Target.of(
+            "rerun-writes", f"{title}: the rerun's WAL <= {TARGET_WAL_RATIO:.0%} of the first "
+            "load's", ratio, lambda v: v <= TARGET_WAL_RATIO, f"{ratio.fmt('.1%')} ({what})",
+            note))
+        res.targets.append(Target.of(
+            "rerun-writes", f"{title}: no row of a data table updated by the rerun", data_upd,
+            lambda v: v == 0, f"{data_upd.fmt('.0f')} updates", note))
+    if not pairs:
+        return
 
+    def cells(label: str, value: Callable[[Run], float]) -> list[str]:
+        return [label, *(Stat.of(value(r) for r in runs).fmt(".2f")
+                         for runs in ([a for a, _ in pairs], [b for _, b in pairs]))]
 
-def mb(n: float) -> str:
-    return f"{n / 2**20:.2f} MB"
-
-
-def report(label: str, first: Measured, rerun: Measured) -> list[str]:
-    ratio = rerun.wal_bytes / first.wal_bytes
-    lines = [f"## {label}", "",
-             "| | first load | rerun |", "|---|---:|---:|",
-             f"| wall time | {first.wall_s:.1f} s | {rerun.wall_s:.1f} s |",
-             f"| WAL (server LSN diff) | {mb(first.wal_bytes)} | {mb(rerun.wal_bytes)} |"]
-    if first.by_relation is not None and rerun.by_relation is not None:
-        ours = [sum(v[1] for v in m.by_relation.values()) for m in (first, rerun)]
-        fpi = [sum(v[2] for v in m.by_relation.values()) for m in (first, rerun)]
-        lines += [f"| WAL of this database's relations (pg_walinspect) | {mb(ours[0])} | "
-                  f"{mb(ours[1])} |",
-                  f"| of which full-page images | {mb(fpi[0])} | {mb(fpi[1])} |"]
-    # Judged on this database's WAL when pg_walinspect tells it apart from other databases'.
-    judged = ours[1] / ours[0] if first.by_relation is not None else ratio
-    lines += [f"| checkpoints during the run | {first.checkpoints} | {rerun.checkpoints} |",
-              "| etl_call_status after the run: heap / indexes | "
-              + " | ".join(f"{mb(m.status_size[0])} / {mb(m.status_size[1])}"
-                           for m in (first, rerun)) + " |",
-              "", f"WAL ratio rerun / first load: **{ratio:.1%}** (LSN diff)"
-              + (f", **{judged:.1%}** (this database's relations)"
-                 if first.by_relation is not None else "")
-              + f"; target at most {TARGET_WAL_RATIO:.0%}: "
-              + ("met" if judged <= TARGET_WAL_RATIO else "NOT met"), "",
-              "| table | first: ins | first: upd | rerun: ins | rerun: upd (HOT) | rerun: del |",
-              "|---|---:|---:|---:|---:|---:|"]
-    for name in [*DATA, *sorted(set(rerun.rows) - set(DATA))]:
-        f, r = first.rows.get(name, (0, 0, 0, 0)), rerun.rows.get(name, (0, 0, 0, 0))
-        lines.append(f"| {name} | {f[0]} | {f[1]} | {r[0]} | {r[1]} ({r[2]}) | {r[3]} |")
-    data_upd = sum(rerun.rows.get(name, (0, 0, 0, 0))[1] for name in DATA)
-    lines += ["", f"n_tup_upd of the data tables on the rerun: **{data_upd}**"]
-    if rerun.by_relation:
-        total = sum(v[1] for v in rerun.by_relation.values())
-        lines += ["", "Rerun WAL by relation (pg_walinspect, first block of each record):", "",
-                  "| relation | records | bytes | share | of which FPI |",
-                  "|---|---:|---:|---:|---:|"]
-        for name, (count, size, fpi) in sorted(rerun.by_relation.items(),
-                                               key=lambda kv: -kv[1][1]):
-            lines.append(f"| {name} | {count} | {mb(size)} | {size / total:.1%} | {mb(fpi)} |")
-    return [*lines, ""]
+    mib = 2 ** 20
+    rows = [cells("wall s", lambda r: r.wall_s),
+            cells("client CPU s", lambda r: r.cpu_s),
+            cells("WAL MB (server LSN difference)", lambda r: r.extra["writes"].wal_bytes / mib)]
+    if pairs[0][0].extra["writes"].by_relation is not None:
+        rows += [cells("WAL MB of this database's relations",
+                       lambda r: r.extra["writes"].own_wal / mib),
+                 cells("  of which full-page images", lambda r: r.extra["writes"].fpi / mib)]
+    rows += [cells("checkpoints during the run", lambda r: r.extra["writes"].checkpoints),
+             cells("etl_call_status heap MB after", lambda r: r.extra["writes"].status_size[0]
+                   / mib),
+             cells("etl_call_status indexes MB after",
+                   lambda r: r.extra["writes"].status_size[1] / mib)]
+    lsn = Stat.of(b.extra["writes"].wal_bytes / a.extra["writes"].wal_bytes for a, b in pairs)
+    lines = [text_table(["", "first load", "rerun"], rows), "",
+             f"WAL of the rerun / the first load's: {ratio.fmt('.1%')} (server LSN difference: "
+             f"{lsn.fmt('.1%')}); row updates of the data tables on the rerun: "
+             f"{data_upd.fmt('.0f')}", ""]
+    # Row counts and WAL by relation of the median round (by the ratio).
+    first, rerun = sorted(pairs, key=lambda p: _ratio(*p))[(len(pairs) - 1) // 2]
+    fw, rw = first.extra["writes"], rerun.extra["writes"]
+    table_rows = []
+    for name in [*DATA, *sorted(set(rw.rows) - set(DATA))]:
+        f, r = fw.rows.get(name, (0, 0, 0, 0)), rw.rows.get(name, (0, 0, 0, 0))
+        table_rows.append([name, f"{f[0]:,}", f"{f[1]:,}", f"{r[0]:,}", f"{r[1]:,} ({r[2]:,})",
+                           f"{r[3]:,}"])
+    lines += [f"Rows, round {rerun.round} (the median ratio):",
+              text_table(["table", "first: ins", "first: upd", "rerun: ins",
+                          "rerun: upd (HOT)", "rerun: del"], table_rows)]
+    if rw.by_relation:
+        total = sum(v[1] for v in rw.by_relation.values())
+        lines += ["", f"The rerun's WAL by relation, round {rerun.round} (pg_walinspect, first "
+                  "block of each record):",
+                  text_table(["relation", "records", "MB", "share", "of which FPI MB"], [
+                      [name, f"{count:,}", _mb(size), f"{size / total:.1%}", _mb(fpi)]
+                      for name, (count, size, fpi) in sorted(rw.by_relation.items(),
+                                                             key=lambda kv: -kv[1][1])])]
+    res.section(f"Rerun writes: {n:,} calls loaded, then the same sync again with nothing "
+                f"changed; {title}", *lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=20_000)
-    parser.add_argument("--pg-url", default=os.environ.get(
-        "ETL_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
-        help="libpq URL of a database on the server to use (fresh databases are made there)")
-    parser.add_argument("--checkpoint", action="store_true",
-                        help="CHECKPOINT before each run (full-page images as hours later)")
-    parser.add_argument("--etl-root", type=Path, action="append", default=[],
-                        help="also measure the etl package of this repository copy (repeatable)")
-    args = parser.parse_args(argv)
+    """run.py with `--only rerun-writes` first (a later --only wins)."""
+    import run
 
-    ids = servable_ids(args.calls)
-    out: list[str] = [f"# Rerun writes: {args.calls} calls, rerun without --skip-loaded"
-                      + (" (CHECKPOINT before each run)" if args.checkpoint else ""), ""]
-    with tempfile.TemporaryDirectory(prefix="rerun-writes-") as tmp, \
-            Simulator(latency_ms=0) as sim:
-        ids_file = Path(tmp) / "ids.txt"
-        ids_file.write_text("\n".join(ids) + "\n")
-        for root in [REPO, *args.etl_root]:
-            root = root.resolve()
-            label = "this code" if root == REPO else f"etl from {root}"
-            log(f"{label}:")
-            first, rerun = run_scenario(args, sim, ids_file, root, len(ids))
-            out += report(label, first, rerun)
-    print("\n".join(out))
-    return 0
+    return run.main(["--only", "rerun-writes", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,19 +1,24 @@
 """Benchmarks: commubo-etl's `etl sync` against the same sync written with dlt 1.31.
 
-    uv run --group bench python benchmarks/run.py              # everything, ~20 minutes
-    uv run --group bench python benchmarks/run.py --quick      # small sizes, ~2 minutes
+    uv run --group bench python benchmarks/run.py              # everything, ~65 minutes
+    uv run --group bench python benchmarks/run.py --quick      # small sizes, ~5 minutes
     uv run --group bench python benchmarks/run.py --only latency,loader --rounds 5
+    uv run --group bench python benchmarks/run.py --only scale-out,rate-limited --quick
 
 The scenarios (`--only`, comma-separated) are the SCENARIOS registry below; `--help` lists
-them. Each is a function over the harness (benchmarks/harness.py): it starts the simulator
-(`python -m etl simulate`, a subprocess of its own, shared by every side, so its CPU is not
-counted), measures each side as a child process (ours: `python -m etl sync ... --json`; dlt:
-`benchmarks/dlt_pipeline.py`; wall time, user+sys CPU and ru_maxrss of that child only, from
-os.wait4 by the tiny launcher measure.py) in a fresh database `bench_run_*` on the PostgreSQL
-of --pg-url, dropped afterwards, and checks the rows landed against the ids the simulator
-serves. Sides run in turn, A B A B, for --rounds rounds; tables show the median of the rounds
-and their spread (min–max). The tables go to stdout (progress to stderr) and to
-benchmarks/RESULTS.md (--results), with the machine, command and date.
+them; the longer ones live in modules of their own beside this file (rate_limited.py,
+scale_out.py, rerun_writes.py; the first and the last also run alone as `python
+benchmarks/rate_limited.py` and `python benchmarks/rerun_writes.py`, which are this script
+with their --only). Each is a function over the harness (benchmarks/harness.py): it starts
+the simulator (`python -m etl simulate`, a subprocess of its own, shared by every side, so its
+CPU is not counted), measures each side as a child process (ours: `python -m etl sync ...
+--json`; dlt: `benchmarks/dlt_pipeline.py`; wall time, user+sys CPU and ru_maxrss of that
+child only, from os.wait4 by the tiny launcher measure.py) in a fresh database `bench_run_*` on
+the PostgreSQL of --pg-url, dropped afterwards, and checks the rows landed against the ids the
+simulator serves. Sides run in turn, A B A B, for --rounds rounds; tables show the median of
+the rounds and their spread (min–max). The tables go to stdout (progress to stderr) and to
+benchmarks/RESULTS.md (--results), with the machine, command and date, and the pictures
+(benchmarks/plots.py, matplotlib) to img/ beside it.
 
 A target is met only when every round meets it (the whole spread), never on the median alone.
 Targets never change the exit code, which is 1 only when a run failed (non-zero exit, timeout,
@@ -30,6 +35,10 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import plots
+import rate_limited
+import rerun_writes
+import scale_out
 from harness import (
     BARE,
     CONCURRENCY,
@@ -52,7 +61,6 @@ from harness import (
     log,
     machine_facts,
     markdown_table,
-    measure,  # noqa: F401 - see _render below
     median,
     report_header,
     rows_cell,
@@ -63,32 +71,41 @@ from harness import (
     text_table,
 )
 
-# benchmarks/rate_limited.py imports `HERE, PY, BenchError, _render, measure` from here; they
-# are the harness's now (new code: `from harness import ...`).
-_render = text_table
-
 LATENCY_MS = 50
 DLT_IMPORTS = ("dlt", "dlt.destinations", "dlt.sources.helpers.requests")
 
 # Sizes of the full run and of --quick (a smoke run: the targets' sizes are the full ones).
 FULL = {
     "latency_ids": 4_000,
+    "steady_ids": 20_000,
     "cpu_ids": 10_000,
     "memory_ours": (10_000, 100_000),
     "memory_dlt": (5_000, 20_000),
     "loader_calls": 20_000,
     "incremental_ids": 100_000,
+    "rate_ids": 20_000,
+    "scale_ids": 8_000,
+    "scale_rate_ids": 20_000,
+    "rerun_calls": 20_000,
 }
 QUICK = {
     "latency_ids": 1_000,
+    "steady_ids": 3_000,
     "cpu_ids": 2_000,
     "memory_ours": (2_000, 10_000),
     "memory_dlt": (1_000, 3_000),
     "loader_calls": 4_000,
     "incremental_ids": 10_000,
+    "rate_ids": 3_000,
+    "scale_ids": 2_000,
+    "scale_rate_ids": 3_000,
+    "rerun_calls": 2_000,
 }
+DLT_WORKERS = "64,32,16"  # dlt's worker counts under the rate limit (--dlt-workers)
+QUICK_DLT_WORKERS = "32"
 
-TARGET_LATENCY_SHARE = 0.95
+TARGET_LATENCY_SHARE = 0.90
+TARGET_STEADY_SHARE = 0.95
 TARGET_CPU_RATIO = 0.5
 TARGET_RSS_MB = 150
 TARGET_RSS_GROWTH = 0.10
@@ -103,6 +120,11 @@ class Bench(Context):
         super().__init__(args.pg_url, rounds=args.rounds or (1 if args.quick else 3),
                          quick=args.quick, args=args)
         self.sizes = QUICK if args.quick else FULL
+        workers = args.dlt_workers if args.dlt_workers is not None else (
+            QUICK_DLT_WORKERS if args.quick else DLT_WORKERS)
+        self.dlt_workers = [int(w) for w in workers.split(",") if w.strip()]
+        self.etl_roots: list[str] = args.etl_root or []
+        self.figure_dir = Path(args.results).resolve().parent / "img"
 
     def quick_note(self, key: str, what: str = "ids") -> str:
         """A target's note when this mode's size is not the target's."""
@@ -125,7 +147,7 @@ def _ratio_lines(ours: list[Run], dlt: list[Run]) -> list[str]:
 
 @SCENARIOS.add("latency", f"simulator latency {LATENCY_MS} ms, concurrency {CONCURRENCY}, "
                "4,000 ids: ours, dlt and a bare requests thread pool (reference, no database) "
-               "against the 640 ids/s bound", requires=("dlt",))
+               "against the 640 ids/s bound (start-up included)", requires=("dlt",))
 def latency(ctx: Bench) -> Results:
     res = Results()
     n = ctx.sizes["latency_ids"]
@@ -142,14 +164,7 @@ def latency(ctx: Bench) -> Results:
     lines = [side_table([side_row(runs, side, f"{n:,}", bound)
                          for side, runs in sides.items()], bound), ""]
     ours = sides[OURS]
-    inside = [r for r in ours if r.extra.get("pipeline_s")]
-    if inside:
-        pipe = Stat.of(n / r.extra["pipeline_s"] for r in inside)
-        startup = Stat.of(r.wall_s - r.extra["pipeline_s"] for r in inside)
-        lines.append(f"{OURS} inside its pipeline (summary duration_s): {pipe.fmt('.1f')} "
-                     f"ids/s = {Stat.of(v / bound for v in pipe.values).fmt('.1%')} of the "
-                     f"bound; start-up, migration and exit took {startup.fmt('.2f')} s of the "
-                     "wall time")
+    lines += _pipeline_lines(ours, n, bound)
     lines += _ratio_lines(ours, sides[DLT])
     res.section(f"Latency-bound: simulator latency {LATENCY_MS} ms, concurrency {CONCURRENCY}, "
                 f"{n:,} ids (bound {bound:.0f} ids/s)", *lines)
@@ -165,8 +180,47 @@ def latency(ctx: Bench) -> Results:
     return res
 
 
+def _pipeline_lines(runs: list[Run], n: int, bound: float) -> list[str]:
+    inside = [r for r in runs if r.extra.get("pipeline_s")]
+    if not inside:
+        return []
+    pipe = Stat.of(n / r.extra["pipeline_s"] for r in inside)
+    startup = Stat.of(r.wall_s - r.extra["pipeline_s"] for r in inside)
+    return [f"{OURS} inside its pipeline (summary duration_s): {pipe.fmt('.1f')} ids/s = "
+            f"{Stat.of(v / bound for v in pipe.values).fmt('.1%')} of the bound; start-up, "
+            f"migration and exit took {startup.fmt('.2f')} s of the wall time"]
+
+
+@SCENARIOS.add("steady", f"simulator latency {LATENCY_MS} ms, concurrency {CONCURRENCY}, "
+               "20,000 ids: ours in a steady state (start-up a small part of the run) against "
+               "the 640 ids/s bound")
+def steady(ctx: Bench) -> Results:
+    res = Results()
+    n = ctx.sizes["steady_ids"]
+    bound = CONCURRENCY * 1000 / LATENCY_MS
+    ids, expected = ctx.ids_file("steady", n)
+    log(f"steady state: latency {LATENCY_MS} ms, concurrency {CONCURRENCY}, {n} ids, "
+        f"{ctx.rounds} round(s)")
+    with ctx.simulator(latency_ms=LATENCY_MS) as url:
+        for rnd in ctx.round_numbers():
+            res.record("steady ours", ctx.sync, "steady", rnd, url, ids, n, expected)
+    ours = res.select("steady", OURS)
+    res.section(f"Steady state: simulator latency {LATENCY_MS} ms, concurrency {CONCURRENCY}, "
+                f"{n:,} ids (bound {bound:.0f} ids/s)",
+                side_table([side_row(ours, OURS, f"{n:,}", bound)], bound), "",
+                *_pipeline_lines(ours, n, bound))
+    share = Stat.of(r.ids_per_s / bound for r in ours)
+    res.targets.append(Target.of(
+        "steady", f"end-to-end >= {TARGET_STEADY_SHARE:.0%} of {bound:.0f} ids/s "
+        f"({TARGET_STEADY_SHARE * bound:.0f} ids/s) over {FULL['steady_ids']:,} ids", share,
+        lambda v: v >= TARGET_STEADY_SHARE,
+        f"{Stat.of(v * bound for v in share.values).fmt('.0f')} ids/s = {share.fmt('.1%')}",
+        ctx.quick_note("steady_ids")))
+    return res
+
+
 @SCENARIOS.add("cpu", "simulator latency 0, 10,000 ids: client CPU (user+sys) per id, ours "
-               "vs dlt", requires=("dlt",))
+               "vs dlt, and a picture of it", requires=("dlt", "matplotlib"))
 def cpu(ctx: Bench) -> Results:
     res = Results()
     n = ctx.sizes["cpu_ids"]
@@ -188,6 +242,14 @@ def cpu(ctx: Bench) -> Results:
         f"{Stat.of(r.cpu_ms_per_id for r in ours).fmt('.3f')} vs "
         f"{Stat.of(r.cpu_ms_per_id for r in dlt).fmt('.3f')} ms/id = {ratio.fmt('.0%')} of "
         "dlt's", ctx.quick_note("cpu_ids")))
+    stats = {side: Stat.of(r.cpu_ms_per_id for r in runs) for side, runs in ((OURS, ours),
+                                                                           (DLT, dlt)) if runs}
+    if stats:
+        ctx.figure(res, "cpu-per-id.png", f"CPU per id, simulator latency 0, {n:,} ids: "
+                   f"{' vs '.join(stats)} (median, spread min–max)", plots.cpu_per_id,
+                   {side: (st.median, st.lo, st.hi) for side, st in stats.items()},
+                   f"client CPU (user+sys) per id: {n:,} ids, latency 0, concurrency "
+                   f"{CONCURRENCY} (whole process)")
     return res
 
 
@@ -348,6 +410,13 @@ def incremental(ctx: Bench) -> Results:
     return res
 
 
+SCENARIOS.add("unlimited", rate_limited.HELP_UNLIMITED)(rate_limited.unlimited)
+SCENARIOS.add("rate-limited", rate_limited.HELP_RATE_LIMITED,
+              requires=("dlt", "matplotlib"))(rate_limited.rate_limited)
+SCENARIOS.add("scale-out", scale_out.HELP, requires=("matplotlib",))(scale_out.scale_out)
+SCENARIOS.add("rerun-writes", rerun_writes.HELP)(rerun_writes.rerun_writes)
+
+
 # -- the report --------------------------------------------------------------------------------
 
 
@@ -373,6 +442,8 @@ def report(bench: Bench, results: Results, names: list[str], info: dict[str, str
         out += ["", "## Failed runs", ""] + [f"- {f}" for f in results.failures]
     for s in results.sections:
         out += ["", f"## {s.title}", "", "```text", s.text, "```"]
+    if results.figures:
+        out += ["", "## Pictures"]
     for caption, path in results.figures:
         out += ["", f"![{caption}]({os.path.relpath(path, Path(bench.args.results).parent)})"]
     out += ["", "## All runs", ""]
@@ -387,12 +458,15 @@ def report(bench: Bench, results: Results, names: list[str], info: dict[str, str
 
 
 METHOD = """
-Run everything with `uv run --group bench python benchmarks/run.py` (about 20 minutes; add
-`--quick` for a smoke run of a minute or two, `--only latency,cpu,memory,loader,incremental`
-for some scenarios, `--rounds N`, `--results PATH` to write this file elsewhere). dlt is in the
-`bench` dependency group only, never in the package's own dependencies. The script is a list
-of scenarios over `benchmarks/harness.py`, which holds the databases, the processes, the
-measuring and the tables.
+Run everything with `uv run --group bench python benchmarks/run.py` (about 65 minutes on 2
+cores, of which rate-limited and scale-out take about 20 each; add `--quick` for a smoke run
+of about 5 minutes, `--only latency,steady,cpu,...` for some scenarios (`--help` lists them),
+`--rounds N`, `--results PATH` to write this file elsewhere, its pictures going to `img/`
+beside it). dlt and matplotlib are in the `bench`
+dependency group only, never in the package's own dependencies. The script is a list of
+scenarios over `benchmarks/harness.py`, which holds the databases, the processes, the
+measuring and the tables; the longer scenarios are in `rate_limited.py`, `scale_out.py` and
+`rerun_writes.py` beside it, the pictures in `plots.py` (matplotlib's Agg backend).
 
 - **Sides.** Ours is the real command, `python -m etl sync --ids-file F --db-url URL
   --base-url URL --concurrency 32 --json`. The peer is `benchmarks/dlt_pipeline.py`: a
@@ -429,6 +503,30 @@ measuring and the tables.
   calls table's primary key and indexes (never foreign keys) shows what the indexes cost.
 - **Incremental.** A first sync of the ids into a fresh database, then the same command with
   `--skip-loaded`; the ratio of the two wall times.
+- **Latency-bound and steady state.** 4,000 ids at 50 ms and concurrency 32 (bound 640 ids/s)
+  include the process's start-up, migration and exit, about a second: the target is 90% of the
+  bound; 20,000 ids (`steady`, ours only) make start-up a small part: the target is 95%.
+- **Rate limit.** `etl simulate --rate-limit 300`: a token bucket of 30 tokens shared by all
+  connections, 429 with `Retry-After` past it. Every run gets a simulator of its own (its
+  bucket full, its counters at zero); after the run its `GET /_stats` (counted nowhere) gives
+  the requests, the 429s and a series per second since the first request, drawn in the
+  picture. "429 % after 5 s" leaves out the first seconds, while a limiter finds the rate.
+  A peer falling short (dlt giving up on an id after its retries of 429s, ours with adaptive
+  concurrency off failing ids) is shown as a finding, not as a failed run.
+- **Scale-out.** N shard processes (`--shard-index I --num-shards N`, concurrency 32 each)
+  started at once into one fresh database; ids/s is the ids over the time from the first
+  start to the last exit; client CPU is the processes' user+sys summed (wait4). Meanwhile the
+  machine's busy CPU (`/proc/stat`), the simulator's and the PostgreSQL server's (postmaster
+  and its children, from `/proc`) are measured, and the load average read after the run:
+  where the curve bends, they tell whether the 2 cores, the simulator (one Python process) or
+  start-up is why. Under the rate limit the shards share one simulator's limit, with
+  `--max-rps 300` (each of N gets 300/N) and without (adaptive limiters alone).
+- **Rerun writes.** A fresh database upgraded first (not measured), `etl sync` over 20,000
+  ids the simulator all serves, and the same command again; WAL from `pg_current_wal_lsn()`
+  before and after, and, with pg_walinspect, by relation of this database (other databases
+  cannot inflate it; a temporary replication slot keeps the WAL until it is read); row counts
+  from `pg_stat_user_tables` once the run's sessions have ended. Once right after the first
+  load, once with a `CHECKPOINT` before each run (full-page images, as hours later).
 - **Noise.** Another busy process on the machine skews every figure: the load average before
   and after is recorded above; run on an otherwise idle machine.
 """
@@ -456,8 +554,19 @@ def main(argv: list[str] | None = None) -> int:
         help="a database on the PostgreSQL server to use; bench_run_* databases are created "
         "and dropped beside it (env BENCH_PG_URL)")
     p.add_argument("--results", default=str(HERE / "RESULTS.md"),
-                   help="where to write the Markdown report (default benchmarks/RESULTS.md)")
+                   help="where to write the Markdown report (default benchmarks/RESULTS.md); "
+                   "the pictures go to img/ beside it")
+    p.add_argument("--dlt-workers", metavar="N,N,..",
+                   help=f"rate-limited: dlt's worker counts to try (default {DLT_WORKERS}, "
+                   f"--quick {QUICK_DLT_WORKERS}; '' for no dlt)")
+    p.add_argument("--etl-root", action="append", metavar="PATH",
+                   help="rerun-writes: also measure etl from this copy of the repository "
+                   "(repeatable)")
     args = p.parse_args(argv)
+    try:
+        [int(w) for w in (args.dlt_workers or "").split(",") if w.strip()]
+    except ValueError:
+        p.error(f"--dlt-workers takes numbers separated by commas, not {args.dlt_workers!r}")
     try:
         chosen = SCENARIOS.select(args.only)
     except ValueError as exc:
@@ -505,6 +614,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n== Failed runs")
         for f in results.failures:
             print(f"- {f}")
+    if results.figures:
+        print("\n== Pictures")
+        for caption, path in results.figures:
+            print(f"- {os.path.relpath(path)}: {caption}")
     loads = (load_before, load_average())
     Path(args.results).write_text(report(bench, results, [s.name for s in chosen], info,
                                          command, started, elapsed, loads))
