@@ -359,21 +359,21 @@ class CommuboSyncOperator(BaseOperator):
                            shard: str) -> None:
         """Attach the run's counts to the events of the assets this task declared; through
         the alias, name the assets of where it actually wrote."""
-        extra = {"run_id": summary.run_id, "shard": shard, "requested": summary.requested,
-                 "related": summary.related, "loaded": summary.loaded,
-                 "not_found": summary.not_found, "failed": summary.failed,
-                 "skipped": summary.skipped, "warnings": summary.warnings}
+        counts = summary.to_dict()
+        extra = {"shard": shard, **{k: counts[k] for k in _EVENT_COUNTS}}
         events = context.get("outlet_events")
         if events is None:
             return
         where = _warehouse_of(settings.database_url)
         written = warehouse_assets(where) if where else []
+        written_uris = {a.uri for a in written}
+        tables = set(_written_tables())
         for outlet in self.outlets:
             if isinstance(outlet, AssetAlias):
                 for asset in written:
                     events[outlet].add(asset, extra={**extra, "table": _table_of(asset)})
-            elif isinstance(outlet, Asset) and _table_of(outlet) in _written_tables():
-                if outlet.uri not in {a.uri for a in written}:
+            elif isinstance(outlet, Asset) and _table_of(outlet) in tables:
+                if outlet.uri not in written_uris:
                     log.warning("asset %s names another warehouse than the one written (%s): "
                                 "check warehouse_uri", outlet.uri,
                                 display_url(settings.database_url))
@@ -388,6 +388,10 @@ class CommuboSyncOperator(BaseOperator):
         if self.do_xcom_push and ti is not None:
             ti.xcom_push(key=_RETURN_KEY, value=result)
 
+
+# The summary's fields an asset event carries (with the shard and the table).
+_EVENT_COUNTS = ("run_id", "requested", "related", "loaded", "not_found", "failed", "skipped",
+                 "warnings")
 
 # The UI names mapped tasks by this (the task sets `commubo_shard` in the context).
 _MAP_INDEX_TEMPLATE = "shard {{ commubo_shard }}"

@@ -74,7 +74,8 @@ class CommuboHook(BaseHook):
         try:
             settings = self.get_settings(
                 concurrency=1, max_attempts=1, unreachable_after_s=_TEST_TIMEOUT_S)
-            settings = _capped_timeout(settings)
+            settings = with_overrides(settings,
+                                      timeout_s=min(settings.timeout_s, _TEST_TIMEOUT_S))
             outcome = next(o for o in Extractor(settings).fetch([TEST_CALL_ID]) if o)
         except AuthError:
             return False, ("the API refused the credentials (403): check the tenant id "
@@ -90,10 +91,6 @@ class CommuboHook(BaseHook):
             return True, f"the API at {settings.base_url} accepted the credentials"
         return False, printable(f"the API at {settings.base_url} did not answer as expected: "
                                 f"{outcome.error}")
-
-
-def _capped_timeout(settings: Settings) -> Settings:
-    return with_overrides(settings, timeout_s=min(settings.timeout_s, _TEST_TIMEOUT_S))
 
 
 def _extra_settings(conn: Connection) -> dict[str, Any]:
