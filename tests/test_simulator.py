@@ -1,4 +1,4 @@
-"""Tests for the local commubo connect API simulator (etl/simulator.py)."""
+"""Tests for the local commubo connect API simulator (etl/simulator/)."""
 
 from __future__ import annotations
 
