@@ -29,6 +29,8 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    any_,
+    bindparam,
     cast,
     delete,
     func,
@@ -38,7 +40,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -252,14 +254,16 @@ class Loader:
                 call_rows[item.call_id] = r.call
                 if r.call["call_type"] is not None:
                     call_types_.add(r.call["call_type"])
+            # (Not setdefault: most calls bring a snapshot the batch holds already, and
+            # building its version row again, phone numbers as JSON, is wasted.)
             if r.customer is not None and r.customer["updated_date_time"] is not None:
-                customer_versions_.setdefault(
-                    (r.customer["customer_id"], r.customer["updated_date_time"]),
-                    self._customer_version(r))
+                version = (r.customer["customer_id"], r.customer["updated_date_time"])
+                if version not in customer_versions_:
+                    customer_versions_[version] = self._customer_version(r)
             if r.operator is not None and r.operator["updated_date_time"] is not None:
-                operator_versions_.setdefault(
-                    (r.operator["operator_id"], r.operator["updated_date_time"]),
-                    _version(r.operator))
+                version = (r.operator["operator_id"], r.operator["updated_date_time"])
+                if version not in operator_versions_:
+                    operator_versions_[version] = _version(r.operator)
             # PostgreSQL rejects ON CONFLICT DO UPDATE touching a row twice, and the newest
             # snapshot must win inside the batch too: keep one row per key, the newest.
             if r.customer is not None:
@@ -311,8 +315,8 @@ class Loader:
             # differ from the stored one are written.
             renumbered = self._renumbered(conn, [r for r in ordered if r.phones_given])
             if renumbered:
-                conn.execute(delete(customer_phone_numbers).where(
-                    customer_phone_numbers.c.customer_id.in_(sorted(renumbered))))
+                conn.execute(delete(customer_phone_numbers).where(self._among(
+                    customer_phone_numbers.c.customer_id, sorted(renumbered))))
                 phones = [p for r in ordered if r.customer["customer_id"] in renumbered
                           for p in r.phone_numbers]
                 if phones:
@@ -390,7 +394,7 @@ class Loader:
         older: set[str] = set()  # the stored snapshot is newer: this one writes no row
         for chunk in _chunks(sorted(rows)):
             for stored in conn.execute(select(table.c[key], *(table.c[n] for n in names))
-                                       .where(table.c[key].in_(chunk))).mappings():
+                                       .where(self._among(table.c[key], chunk))).mappings():
                 incoming = rows[stored[key]]
                 if all(_comparable(stored[n]) == incoming[n] for n in names):
                     same.add(stored[key])
@@ -405,7 +409,7 @@ class Loader:
         for chunk in _chunks(sorted(dated)):
             for entity, when in conn.execute(
                     select(versions_table.c[key], versions_table.c.updated_date_time)
-                    .where(versions_table.c[key].in_(chunk))):
+                    .where(self._among(versions_table.c[key], chunk))):
                 dated[entity].discard(_utc(when))
         settled.difference_update(entity for entity, missing in dated.items() if missing)
         if numbers:
@@ -415,7 +419,7 @@ class Loader:
                 for customer_id, number in conn.execute(
                         select(customer_phone_numbers.c.customer_id,
                                customer_phone_numbers.c.phone_number)
-                        .where(customer_phone_numbers.c.customer_id.in_(chunk))
+                        .where(self._among(customer_phone_numbers.c.customer_id, chunk))
                         .order_by(customer_phone_numbers.c.customer_id,
                                   customer_phone_numbers.c.position)):
                     stored_numbers[customer_id].append(number)
@@ -439,7 +443,7 @@ class Loader:
                     select(customers.c.customer_id, customers.c.updated_date_time,
                            customer_phone_numbers.c.position,
                            customer_phone_numbers.c.phone_number)
-                    .select_from(joined).where(customers.c.customer_id.in_(chunk))
+                    .select_from(joined).where(self._among(customers.c.customer_id, chunk))
                     .order_by(customers.c.customer_id, customer_phone_numbers.c.position)):
                 stored_at[customer_id] = _comparable(updated)
                 numbers = stored_numbers.setdefault(customer_id, [])
@@ -463,23 +467,31 @@ class Loader:
                 func.lead(table.c.updated_date_time).over(
                     partition_by=table.c[key], order_by=table.c.updated_date_time,
                 ).label("next_from"),
-            ).where(table.c[key].in_(chunk)).subquery()
+            ).where(self._among(table.c[key], chunk)).subquery()
             conn.execute(update(table).where(
                 table.c[key] == following.c[key],
                 table.c.updated_date_time == following.c.updated_date_time,
                 table.c.valid_to.is_distinct_from(following.c.next_from),
             ).values(valid_to=following.c.next_from))
 
-    @staticmethod
-    def _loaded(conn: Connection, call_ids: list[str]) -> set[str]:
+    def _loaded(self, conn: Connection, call_ids: list[str]) -> set[str]:
         """Which of `call_ids` have the status `loaded` (their rows are held by this
         transaction: what it reads stays until it ends)."""
         found: set[str] = set()
         for chunk in _chunks(sorted(call_ids)):
             found.update(conn.execute(select(etl_call_status.c.call_id).where(
-                etl_call_status.c.call_id.in_(chunk),
+                self._among(etl_call_status.c.call_id, chunk),
                 etl_call_status.c.status == CallStatus.LOADED)).scalars())
         return found
+
+    def _among(self, column: Column, keys: list[str]) -> Any:
+        """`column IN keys`. On PostgreSQL `column = ANY(%(keys)s)`, one text[] parameter:
+        the same SQL whatever the number of keys, so SQLAlchemy's and psycopg's caches hold it
+        (and PostgreSQL prepares it), where an IN list is rendered, converted and parsed anew
+        for each length; it was a quarter of a sync's CPU (py-spy, benchmarks/run.py cpu)."""
+        if self._postgres:
+            return column == any_(bindparam(None, keys, type_=ARRAY(Text)))
+        return column.in_(keys)
 
     def _execute(self, conn: Connection, table: Table, key: str, mode: Upsert,
                  rows: list[dict[str, Any]]) -> set[str] | None:

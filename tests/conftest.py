@@ -77,22 +77,23 @@ def any_db_url(request: pytest.FixtureRequest) -> URL:
     return request.getfixturevalue(name)
 
 
-@pytest.fixture
-def engine(any_db_url: URL) -> Iterator[Engine]:
-    """An engine on a fresh, migrated database of each backend."""
-    eng = db.make_engine(any_db_url)
+def _migrated_engine(url: URL) -> Iterator[Engine]:
+    eng = db.make_engine(url)
     db.upgrade(eng)
     yield eng
     eng.dispose()
+
+
+@pytest.fixture
+def engine(any_db_url: URL) -> Iterator[Engine]:
+    """An engine on a fresh, migrated database of each backend."""
+    yield from _migrated_engine(any_db_url)
 
 
 @pytest.fixture
 def pg_engine(pg_url: URL) -> Iterator[Engine]:
     """An engine on a fresh, migrated PostgreSQL database."""
-    eng = db.make_engine(pg_url)
-    db.upgrade(eng)
-    yield eng
-    eng.dispose()
+    yield from _migrated_engine(pg_url)
 
 
 @pytest.fixture

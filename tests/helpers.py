@@ -15,8 +15,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import URL
@@ -107,6 +109,128 @@ def run_etl(*args: str, env: dict[str, str], cwd: Path | None = None, input: str
         [sys.executable, "-m", "etl", *args],
         env=env, cwd=cwd, input=input, capture_output=True, text=True, timeout=timeout,
     )
+
+
+# -- the vendor's documented example ---------------------------------------------------------
+
+
+def documented_example() -> dict[str, Any]:
+    """The vendor's documented example call (docs/design.md §1.2), a new copy at each call:
+    every field, quirks included: numbers sent as strings, timestamps with +09:00 and Z
+    offsets, the voice id under `operatorVoiceId` (as the example spells it). Its ids are none
+    that the simulator serves, so it can share a batch with simulator payloads."""
+    return {
+        "callId": "call-doc-1",
+        "callType": "0",
+        "relatedCallId": "call-doc-0",
+        "phoneNumber": "0312345678",
+        "callDateTime": "2018-09-01T13:01:23+09:00",
+        "connectedDateTime": "2018-09-01T13:01:30+09:00",
+        "talkTime": "123",
+        "connectResult": "0",
+        "checkPoint": "A",
+        "note": "折り返し希望",
+        "customer": {
+            "customerId": "cus-doc",
+            "createdDateTime": "2018-01-01T09:00:00+09:00",
+            "updatedDateTime": "2018-08-31T15:00:00Z",
+            "familyName": "佐藤",
+            "familyNameKana": "サトウ",
+            "personalName": "太郎",
+            "personalNameKana": "タロウ",
+            "middleName": "ジョン",
+            "middleNameKana": "ジョン",
+            "phoneNumbers": ["09011112222", "0312345678"],
+            "orgName": "株式会社サンプル商事",
+            "orgNameKana": "カブシキガイシャサンプル",
+            "orgShortName": "サンプル商事",
+            "orgShortNameKana": "サンプル",
+            "deptName": "営業部",
+            "deptNameKana": "エイギョウブ",
+            "deptShortName": "営業",
+            "deptShortNameKana": "エイギョウ",
+            "note": "VIP",
+        },
+        "operator": {
+            "operatorId": "op-doc",
+            "createdDateTime": "2017-04-01T00:00:00Z",
+            "updatedDateTime": "2018-08-01T10:00:00+09:00",
+            "operatorVoiceId": "7",
+            "name": "鈴木 花子",
+            "nameKana": "スズキ ハナコ",
+            "shortName": "鈴木",
+            "shortNameKana": "スズキ",
+            "orgName": "コミューボ株式会社",
+            "orgNameKana": "コミューボカブシキガイシャ",
+            "orgShortName": "コミューボ",
+            "orgShortNameKana": "コミューボ",
+            "deptName": "第一コールセンター",
+            "deptNameKana": "ダイイチコールセンター",
+            "deptShortName": "第一CC",
+            "deptShortNameKana": "ダイイチシーシー",
+        },
+        "scenario": {"scenarioId": "scn-01"},
+    }
+
+
+# The rows the example must become, every column written out by hand (not computed by
+# etl.transform): the transformer's output and what the loader stores. The calls row is
+# without `raw`, `fetched_at` and `run_id`, which each test adds.
+DOCUMENTED_CALL_ROW = {
+    "call_id": "call-doc-1",
+    "call_type": 0,
+    "related_call_id": "call-doc-0",
+    "phone_number": "0312345678",
+    "call_date_time": datetime(2018, 9, 1, 4, 1, 23, tzinfo=UTC),
+    "connected_date_time": datetime(2018, 9, 1, 4, 1, 30, tzinfo=UTC),
+    "talk_time": 123,
+    "connect_result": "0",
+    "check_point": "A",
+    "note": "折り返し希望",
+    "customer_id": "cus-doc",
+    "customer_updated_date_time": datetime(2018, 8, 31, 15, 0, tzinfo=UTC),
+    "operator_id": "op-doc",
+    "operator_updated_date_time": datetime(2018, 8, 1, 1, 0, tzinfo=UTC),
+    "scenario_id": "scn-01",
+}
+DOCUMENTED_CUSTOMER_ROW = {
+    "customer_id": "cus-doc",
+    "created_date_time": datetime(2018, 1, 1, 0, 0, tzinfo=UTC),
+    "updated_date_time": datetime(2018, 8, 31, 15, 0, tzinfo=UTC),
+    "family_name": "佐藤",
+    "family_name_kana": "サトウ",
+    "personal_name": "太郎",
+    "personal_name_kana": "タロウ",
+    "middle_name": "ジョン",
+    "middle_name_kana": "ジョン",
+    "org_name": "株式会社サンプル商事",
+    "org_name_kana": "カブシキガイシャサンプル",
+    "org_short_name": "サンプル商事",
+    "org_short_name_kana": "サンプル",
+    "dept_name": "営業部",
+    "dept_name_kana": "エイギョウブ",
+    "dept_short_name": "営業",
+    "dept_short_name_kana": "エイギョウ",
+    "note": "VIP",
+}
+DOCUMENTED_OPERATOR_ROW = {
+    "operator_id": "op-doc",
+    "created_date_time": datetime(2017, 4, 1, 0, 0, tzinfo=UTC),
+    "updated_date_time": datetime(2018, 8, 1, 1, 0, tzinfo=UTC),
+    "operator_voice_id": 7,
+    "name": "鈴木 花子",
+    "name_kana": "スズキ ハナコ",
+    "short_name": "鈴木",
+    "short_name_kana": "スズキ",
+    "org_name": "コミューボ株式会社",
+    "org_name_kana": "コミューボカブシキガイシャ",
+    "org_short_name": "コミューボ",
+    "org_short_name_kana": "コミューボ",
+    "dept_name": "第一コールセンター",
+    "dept_name_kana": "ダイイチコールセンター",
+    "dept_short_name": "第一CC",
+    "dept_short_name_kana": "ダイイチシーシー",
+}
 
 
 # -- a server for what the simulator cannot say ---------------------------------------------

@@ -18,15 +18,21 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pytest
-from helpers import Warehouse, etl_env, expected_warehouse, run_etl, stored_warehouse
-from sqlalchemy import create_engine, inspect, text
+from helpers import (
+    Warehouse,
+    etl_env,
+    expected_warehouse,
+    fresh_database,
+    run_etl,
+    stored_warehouse,
+)
+from sqlalchemy import create_engine, inspect
 from sqlalchemy.engine import URL
 
 from etl.db import MIGRATION_LOCK_KEY
@@ -63,32 +69,13 @@ def api() -> Iterator[Simulator]:
 @pytest.fixture(scope="module")
 def reference(pg_server: URL, api: Simulator, workdir: Path) -> Iterator[Reference]:
     """The same command, never interrupted, in a database of its own."""
-    with fresh_database(pg_server) as url:
+    with fresh_database(pg_server, "etl_crash") as url:
         proc = run_etl(*sync_args(workdir), env=etl_env(api, url))
         assert proc.returncode == 1, proc.stderr  # poison-crash and broken-crash fail
         warehouse = stored_warehouse(url)
     # The reference itself is what the simulator serves, so a shared bug cannot hide.
     assert warehouse == expected_warehouse(CALL_IDS, failing=["broken-crash"])
     yield Reference(warehouse, proc.returncode)
-
-
-class fresh_database:  # noqa: N801 - used as a context manager, like a function
-    """A database of its own on the test server, dropped on the way out."""
-
-    def __init__(self, server: URL) -> None:
-        self.server = server
-        self.name = f"etl_crash_{uuid.uuid4().hex[:12]}"
-
-    def __enter__(self) -> URL:
-        self.admin = create_engine(self.server, isolation_level="AUTOCOMMIT")
-        with self.admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{self.name}"'))
-        return self.server.set(database=self.name)
-
-    def __exit__(self, *exc_info: object) -> None:
-        with self.admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
-        self.admin.dispose()
 
 
 def sync_args(workdir: Path, *extra: str) -> list[str]:
@@ -189,11 +176,14 @@ def assert_batches_were_atomic(url: URL) -> None:
     assert {k: n for k, n in inconsistencies(url).items() if n} == {}
 
 
-def rerun(workdir: Path, api: Simulator, url: URL, *extra: str
-          ) -> subprocess.CompletedProcess[str]:
-    proc = run_etl(*sync_args(workdir, *extra), env=etl_env(api, url))
-    assert "Traceback" not in proc.stderr
-    return proc
+def assert_rerun_equals_the_reference(reference: Reference, workdir: Path, api: Simulator,
+                                      url: URL, *extra: str) -> None:
+    """The same command run again (with `extra`) ends as the uninterrupted run did, and leaves
+    exactly its rows."""
+    again = run_etl(*sync_args(workdir, *extra), env=etl_env(api, url))
+    assert "Traceback" not in again.stderr
+    assert again.returncode == reference.exit_code, again.stderr
+    assert stored_warehouse(url) == reference.warehouse
 
 
 # -- SIGKILL -----------------------------------------------------------------------------------
@@ -226,10 +216,7 @@ def test_sync_killed_at_a_random_moment_then_rerun_equals_an_uninterrupted_run(
         watcher.close()
     assert_batches_were_atomic(pg_url)
 
-    again = rerun(workdir, api, pg_url, *rerun_flags)
-
-    assert again.returncode == reference.exit_code, again.stderr
-    assert stored_warehouse(pg_url) == reference.warehouse
+    assert_rerun_equals_the_reference(reference, workdir, api, pg_url, *rerun_flags)
 
 
 def test_sync_killed_between_two_batches_then_rerun_equals_an_uninterrupted_run(
@@ -247,10 +234,7 @@ def test_sync_killed_between_two_batches_then_rerun_equals_an_uninterrupted_run(
     assert 60 <= committed < len(CALL_IDS)
     assert_batches_were_atomic(pg_url)
 
-    again = rerun(workdir, api, pg_url)
-
-    assert again.returncode == reference.exit_code, again.stderr
-    assert stored_warehouse(pg_url) == reference.warehouse
+    assert_rerun_equals_the_reference(reference, workdir, api, pg_url)
 
 
 @pytest.mark.parametrize("rerun_flags", [(), ("--skip-loaded",)], ids=["plain", "skip-loaded"])
@@ -276,10 +260,7 @@ def test_sync_killed_inside_a_batch_transaction_leaves_nothing_of_that_batch(
         watcher.close()
     assert_batches_were_atomic(pg_url)
 
-    again = rerun(workdir, api, pg_url, *rerun_flags)
-
-    assert again.returncode == reference.exit_code, again.stderr
-    assert stored_warehouse(pg_url) == reference.warehouse
+    assert_rerun_equals_the_reference(reference, workdir, api, pg_url, *rerun_flags)
 
 
 def test_sync_killed_while_upgrading_an_empty_database_then_rerun_completes(
@@ -297,10 +278,7 @@ def test_sync_killed_while_upgrading_an_empty_database_then_rerun_completes(
         holder.close()
         watcher.close()
 
-    again = rerun(workdir, api, pg_url)
-
-    assert again.returncode == reference.exit_code, again.stderr
-    assert stored_warehouse(pg_url) == reference.warehouse
+    assert_rerun_equals_the_reference(reference, workdir, api, pg_url)
 
 
 # -- connections terminated under a running sync ----------------------------------------------
@@ -367,7 +345,4 @@ def test_database_lost_for_good_stops_with_exit_3_and_the_rerun_completes(
     assert summary["status"] == "failed"
     assert_batches_were_atomic(pg_url)
 
-    again = rerun(workdir, api, pg_url, "--skip-loaded")
-
-    assert again.returncode == reference.exit_code, again.stderr
-    assert stored_warehouse(pg_url) == reference.warehouse
+    assert_rerun_equals_the_reference(reference, workdir, api, pg_url, "--skip-loaded")

@@ -114,6 +114,28 @@ def waiting_on_a_lock(watcher: psycopg.Connection, statement: str) -> bool:
         "AND wait_event_type = 'Lock' AND query LIKE %s", (statement + "%",)).fetchone()[0] > 0
 
 
+def load_behind_a_held_batch(engine: Engine, url: URL, held: tuple[str, list[Outcome]],
+                             late: tuple[str, list[Outcome]]
+                             ) -> tuple[dict[str, int], dict[str, int]]:
+    """Two loads interleaved, each (run id, batch): the `held` batch writes its calls and
+    statuses and is then held at its run's counters (a lock on its etl_runs row); the `late`
+    batch starts then, and once its status write waits for the held batch's status rows, the
+    held batch goes on. The counts of both loads, the held one's first."""
+    (held_run, held_batch), (late_run, late_batch) = held, late
+    # The pool is left last, so that a failure releases the lock before waiting for threads.
+    with (ThreadPoolExecutor(2) as pool,
+          psycopg.connect(conninfo(url), autocommit=True) as watcher,
+          psycopg.connect(conninfo(url)) as lock):
+        lock.execute("SELECT 1 FROM etl_runs WHERE run_id = %s FOR UPDATE", (held_run,))
+        first = pool.submit(Loader(engine, held_run).load, held_batch)
+        wait_for(lambda: waiting_on_a_lock(watcher, "UPDATE etl_runs"), "the held batch")
+        second = pool.submit(Loader(engine, late_run).load, late_batch)
+        wait_for(lambda: waiting_on_a_lock(watcher, STATUS_WRITE),
+                 "the late batch's status write")
+        lock.rollback()
+        return first.result(timeout=60), second.result(timeout=60)
+
+
 # -- two loaders, one call -------------------------------------------------------------------
 
 
@@ -207,19 +229,9 @@ def test_a_404_recorded_while_a_newer_fetch_commits_gives_way(pg_engine: Engine,
     # row, and then finds that fetch's status stored: it gives way.
     older_run, newer_run = start_run(pg_engine), start_run(pg_engine)
     not_found = Outcome("call-x", NOT_FOUND, http_status=404, attempts=1, fetched_at=OLDER_AT)
-    # The pool is left last, so that a failure releases the lock before waiting for threads.
-    with (ThreadPoolExecutor(2) as pool,
-          psycopg.connect(conninfo(pg_url), autocommit=True) as watcher,
-          psycopg.connect(conninfo(pg_url)) as lock):
-        # The newer fetch's batch then writes its call and status and waits at its counters.
-        lock.execute("SELECT 1 FROM etl_runs WHERE run_id = %s FOR UPDATE", (newer_run,))
-        newer = pool.submit(Loader(pg_engine, newer_run).load, [ok(payload(2), NEWER_AT)])
-        wait_for(lambda: waiting_on_a_lock(watcher, "UPDATE etl_runs"), "the newer batch")
-        older = pool.submit(Loader(pg_engine, older_run).load, [not_found])
-        wait_for(lambda: waiting_on_a_lock(watcher, STATUS_WRITE),
-                 "the 404's status write")
-        lock.rollback()
-        newer_counts, older_counts = newer.result(timeout=60), older.result(timeout=60)
+    # The newer fetch's batch writes its call and status and waits at its counters.
+    newer_counts, older_counts = load_behind_a_held_batch(
+        pg_engine, pg_url, (newer_run, [ok(payload(2), NEWER_AT)]), (older_run, [not_found]))
 
     status = status_of(pg_engine)
     assert (status["status"], status["run_id"]) == ("loaded", newer_run)
@@ -280,19 +292,10 @@ def test_an_outcome_fetched_before_an_unchanged_load_waits_for_it_and_gives_way(
     # (other content) no row.
     brought_run, again_run, late_run = (start_run(pg_engine) for _ in range(3))
     Loader(pg_engine, brought_run).load([ok(payload(1), BROUGHT_AT)])
-    with (ThreadPoolExecutor(2) as pool,
-          psycopg.connect(conninfo(pg_url), autocommit=True) as watcher,
-          psycopg.connect(conninfo(pg_url)) as lock):
-        # The unchanged load's batch writes its status, then waits at its counters.
-        lock.execute("SELECT 1 FROM etl_runs WHERE run_id = %s FOR UPDATE", (again_run,))
-        again = pool.submit(Loader(pg_engine, again_run).load, [ok(payload(1), AGAIN_AT)])
-        wait_for(lambda: waiting_on_a_lock(watcher, "UPDATE etl_runs"),
-                 "the unchanged load's batch")
-        late = pool.submit(Loader(pg_engine, late_run).load, [BETWEEN[kind]()])
-        wait_for(lambda: waiting_on_a_lock(watcher, STATUS_WRITE),
-                 "the late outcome's status write")
-        lock.rollback()
-        again_counts, late_counts = again.result(timeout=60), late.result(timeout=60)
+    # The unchanged load's batch writes its status, then waits at its counters.
+    again_counts, late_counts = load_behind_a_held_batch(
+        pg_engine, pg_url, (again_run, [ok(payload(1), AGAIN_AT)]),
+        (late_run, [BETWEEN[kind]()]))
 
     assert_the_unchanged_load_stays(pg_engine, brought_run, again_run)
     assert (again_counts, late_counts) == (counts(loaded=1), BETWEEN_COUNTS[kind])

@@ -8,6 +8,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from helpers import (
+    DOCUMENTED_CALL_ROW,
+    DOCUMENTED_CUSTOMER_ROW,
+    DOCUMENTED_OPERATOR_ROW,
+    documented_example,
+)
 from sqlalchemy import Engine, and_, delete, func, select, text, update
 
 from etl import runs
@@ -29,60 +35,10 @@ from etl.transform import strip_nul
 
 FETCHED = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
-# The vendor's documented example, quirks included: numbers as strings, the misspelt voice id
-# key, offsets in +09:00 and Z.
-DOCUMENTED = {
-    "callId": "call-doc-1",
-    "callType": "0",
-    "relatedCallId": "call-doc-0",
-    "phoneNumber": "0312345678",
-    "callDateTime": "2018-09-01T13:01:23+09:00",
-    "connectedDateTime": "2018-09-01T13:01:30+09:00",
-    "talkTime": "123",
-    "connectResult": "0",
-    "checkPoint": "A",
-    "note": "折り返し希望",
-    "customer": {
-        "customerId": "cus-doc",
-        "createdDateTime": "2018-01-01T09:00:00+09:00",
-        "updatedDateTime": "2018-08-31T15:00:00Z",
-        "familyName": "佐藤",
-        "familyNameKana": "サトウ",
-        "personalName": "太郎",
-        "personalNameKana": "タロウ",
-        "middleName": "ジョン",
-        "middleNameKana": "ジョン",
-        "phoneNumbers": ["09011112222", "0312345678"],
-        "orgName": "株式会社サンプル商事",
-        "orgNameKana": "カブシキガイシャサンプル",
-        "orgShortName": "サンプル商事",
-        "orgShortNameKana": "サンプル",
-        "deptName": "営業部",
-        "deptNameKana": "エイギョウブ",
-        "deptShortName": "営業",
-        "deptShortNameKana": "エイギョウ",
-        "note": "VIP",
-    },
-    "operator": {
-        "operatorId": "op-doc",
-        "createdDateTime": "2017-04-01T00:00:00Z",
-        "updatedDateTime": "2018-08-01T10:00:00+09:00",
-        "operatorVocieId": "7",
-        "name": "鈴木 花子",
-        "nameKana": "スズキ ハナコ",
-        "shortName": "鈴木",
-        "shortNameKana": "スズキ",
-        "orgName": "コミューボ株式会社",
-        "orgNameKana": "コミューボカブシキガイシャ",
-        "orgShortName": "コミューボ",
-        "orgShortNameKana": "コミューボ",
-        "deptName": "第一コールセンター",
-        "deptNameKana": "ダイイチコールセンター",
-        "deptShortName": "第一CC",
-        "deptShortNameKana": "ダイイチシーシー",
-    },
-    "scenario": {"scenarioId": "scn-01"},
-}
+# The vendor's documented example, the voice id moved under the key its field list spells
+# (operatorVocieId): the loader's quirks are those of the example and that misspelling.
+DOCUMENTED = documented_example()
+DOCUMENTED["operator"]["operatorVocieId"] = DOCUMENTED["operator"].pop("operatorVoiceId")
 
 # A textual comparison of these two would pick the wrong one: 18:30+09:00 is 09:30Z.
 OLDER = "2026-01-01T18:30:00+09:00"
@@ -209,64 +165,14 @@ def test_documented_payload_is_stored_with_exact_values(engine: Engine) -> None:
     row = one(engine, calls, call_id="call-doc-1")
     assert row is not None
     assert {k: v for k, v in row.items() if k != "raw"} == {
-        "call_id": "call-doc-1",
-        "call_type": 0,
-        "related_call_id": "call-doc-0",
-        "phone_number": "0312345678",
-        "call_date_time": datetime(2018, 9, 1, 4, 1, 23, tzinfo=UTC),
-        "connected_date_time": datetime(2018, 9, 1, 4, 1, 30, tzinfo=UTC),
-        "talk_time": 123,
-        "connect_result": "0",
-        "check_point": "A",
-        "note": "折り返し希望",
-        "customer_id": "cus-doc",
-        "customer_updated_date_time": datetime(2018, 8, 31, 15, 0, tzinfo=UTC),
-        "operator_id": "op-doc",
-        "operator_updated_date_time": datetime(2018, 8, 1, 1, 0, tzinfo=UTC),
-        "scenario_id": "scn-01",
+        **DOCUMENTED_CALL_ROW,
         "fetched_at": FETCHED,
         "run_id": load.run_id,
     }
     assert row["raw"] == DOCUMENTED
-    assert one(engine, customers, customer_id="cus-doc") == {
-        "customer_id": "cus-doc",
-        "created_date_time": datetime(2018, 1, 1, 0, 0, tzinfo=UTC),
-        "updated_date_time": datetime(2018, 8, 31, 15, 0, tzinfo=UTC),
-        "family_name": "佐藤",
-        "family_name_kana": "サトウ",
-        "personal_name": "太郎",
-        "personal_name_kana": "タロウ",
-        "middle_name": "ジョン",
-        "middle_name_kana": "ジョン",
-        "org_name": "株式会社サンプル商事",
-        "org_name_kana": "カブシキガイシャサンプル",
-        "org_short_name": "サンプル商事",
-        "org_short_name_kana": "サンプル",
-        "dept_name": "営業部",
-        "dept_name_kana": "エイギョウブ",
-        "dept_short_name": "営業",
-        "dept_short_name_kana": "エイギョウ",
-        "note": "VIP",
-    }
+    assert one(engine, customers, customer_id="cus-doc") == DOCUMENTED_CUSTOMER_ROW
     assert phones(engine, "cus-doc") == ["09011112222", "0312345678"]
-    assert one(engine, operators, operator_id="op-doc") == {
-        "operator_id": "op-doc",
-        "created_date_time": datetime(2017, 4, 1, 0, 0, tzinfo=UTC),
-        "updated_date_time": datetime(2018, 8, 1, 1, 0, tzinfo=UTC),
-        "operator_voice_id": 7,
-        "name": "鈴木 花子",
-        "name_kana": "スズキ ハナコ",
-        "short_name": "鈴木",
-        "short_name_kana": "スズキ",
-        "org_name": "コミューボ株式会社",
-        "org_name_kana": "コミューボカブシキガイシャ",
-        "org_short_name": "コミューボ",
-        "org_short_name_kana": "コミューボ",
-        "dept_name": "第一コールセンター",
-        "dept_name_kana": "ダイイチコールセンター",
-        "dept_short_name": "第一CC",
-        "dept_short_name_kana": "ダイイチシーシー",
-    }
+    assert one(engine, operators, operator_id="op-doc") == DOCUMENTED_OPERATOR_ROW
     status = statuses(engine)["call-doc-1"]
     assert (status["status"], status["http_status"], status["error"], status["attempts"],
             status["run_id"]) == ("loaded", 200, None, 1, load.run_id)

@@ -67,6 +67,15 @@ class Saturated:
             self.limit.release(self.flying.popleft(), IGNORE)
 
 
+def saturated_then_cut(maximum: int) -> tuple[AdaptiveLimit, Saturated]:
+    """A limit of `maximum`, every place taken, then a 429 to the oldest request: one cut."""
+    limit = AdaptiveLimit(maximum, clock=Clock())
+    client = Saturated(limit)
+    client.fill()
+    client.answer(1, LIMITED)
+    return limit, client
+
+
 # -- the limiter alone ----------------------------------------------------------------------------
 
 
@@ -98,10 +107,7 @@ def test_a_burst_of_429s_from_one_round_trip_cuts_once():
 
 
 def test_a_429_to_a_request_sent_after_the_cut_cuts_again_and_harder_without_growth():
-    limit = AdaptiveLimit(32, clock=Clock())
-    client = Saturated(limit)
-    client.fill()
-    client.answer(1, LIMITED)
+    limit, client = saturated_then_cut(32)
     assert limit.limit == 24
     client.answer(31, LIMITED)  # the rest of that burst: sent before the cut
     assert (limit.limit, limit.decreases) == (24, 1)
@@ -118,10 +124,7 @@ def test_the_cut_is_taken_from_what_is_in_flight_not_from_an_unused_limit():
 
 
 def test_additive_increase_one_per_round_trip_of_answers_while_the_limit_is_in_use():
-    limit = AdaptiveLimit(64, clock=Clock())
-    client = Saturated(limit)
-    client.fill()
-    client.answer(1, LIMITED)
+    limit, client = saturated_then_cut(64)
     assert limit.limit == 48
     client.answer(47)
     assert limit.limit == 48
@@ -132,10 +135,7 @@ def test_additive_increase_one_per_round_trip_of_answers_while_the_limit_is_in_u
 
 
 def test_no_increase_while_the_limit_is_not_in_use():
-    limit = AdaptiveLimit(64, clock=Clock())
-    client = Saturated(limit)
-    client.fill()
-    client.answer(1, LIMITED)
+    limit, client = saturated_then_cut(64)
     client.drain()
     assert limit.limit == 48
     for _ in range(500):  # one request at a time: a limit of 48 is never tested

@@ -19,16 +19,14 @@ from helpers import make_settings
 from sqlalchemy import Engine, select, text
 from sqlalchemy.engine import URL
 from test_fetch_order import (
-    STATUS_WRITE,
     conninfo,
     counts,
     expected_call,
+    load_behind_a_held_batch,
     payload,
     start_run,
     status_of,
     stored_call,
-    wait_for,
-    waiting_on_a_lock,
 )
 from test_load import DOCUMENTED, call, customer, loader, operator, ordinary_batch, phones
 
@@ -302,18 +300,10 @@ def test_a_rerun_whose_status_waits_for_a_newer_fetch_gives_way(pg_engine: Engin
     # gives way, and writes no row either: it would have found other content than its own.
     first_run, rerun, newer_run = (start_run(pg_engine) for _ in range(3))
     Loader(pg_engine, first_run).load([answer(payload(1), FIRST_AT)])
-    with (ThreadPoolExecutor(2) as pool,
-          psycopg.connect(conninfo(pg_url), autocommit=True) as watcher,
-          psycopg.connect(conninfo(pg_url)) as lock):
-        # The newer fetch's batch writes its call and status, then waits at its counters.
-        lock.execute("SELECT 1 FROM etl_runs WHERE run_id = %s FOR UPDATE", (newer_run,))
-        newer = pool.submit(Loader(pg_engine, newer_run).load, [answer(payload(2), LATER_AT)])
-        wait_for(lambda: waiting_on_a_lock(watcher, "UPDATE etl_runs"), "the newer batch")
-        again = pool.submit(Loader(pg_engine, rerun).load, [answer(payload(1), RERUN_AT)])
-        wait_for(lambda: waiting_on_a_lock(watcher, STATUS_WRITE),
-                 "the rerun's status write")
-        lock.rollback()
-        newer_counts, rerun_counts = newer.result(timeout=60), again.result(timeout=60)
+    # The newer fetch's batch writes its call and status, then waits at its counters.
+    newer_counts, rerun_counts = load_behind_a_held_batch(
+        pg_engine, pg_url, (newer_run, [answer(payload(2), LATER_AT)]),
+        (rerun, [answer(payload(1), RERUN_AT)]))
 
     assert stored_call(pg_engine) == expected_call(payload(2), LATER_AT, newer_run)
     status = status_of(pg_engine)

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from helpers import etl_env, run_etl
+from helpers import etl_env, fresh_database, run_etl
 from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.engine import URL
 
@@ -187,16 +187,14 @@ def test_a_signal_records_the_run_as_interrupted_with_its_reason(
 def weak_role(pg_server: URL) -> Iterator[tuple[URL, str]]:
     """A database owned by the test, and a role that may log in and nothing more."""
     role = f"etl_weak_{uuid.uuid4().hex[:8]}"
-    name = f"etl_test_{uuid.uuid4().hex[:12]}"
     admin = create_engine(pg_server, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
     try:
-        yield pg_server.set(database=name), role
+        with fresh_database(pg_server) as url:
+            yield url, role
     finally:
         with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
             conn.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
         admin.dispose()
 

@@ -7,28 +7,24 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from helpers import make_settings
+from helpers import (
+    Warehouse,
+    expected_warehouse,
+    lost_ids,
+    make_settings,
+    stale_entities,
+    stored_warehouse,
+)
 from sqlalchemy import Engine, func, select
 from sqlalchemy.engine import URL
 
 from etl import db
 from etl.config import Secret
 from etl.errors import AuthError
-from etl.schema import (
-    DATA_TABLES,
-    calls,
-    customer_phone_numbers,
-    customers,
-    etl_call_status,
-    etl_runs,
-    operators,
-)
+from etl.schema import DATA_TABLES, calls, etl_call_status, etl_runs
 from etl.simulator import Simulator, payload_for
 from etl.sync import SyncSummary, run_sync
-from etl.transform import CallRows, strip_nul, transform
-
-EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
-
+from etl.transform import strip_nul
 
 # -- helpers -----------------------------------------------------------------------------------
 
@@ -50,38 +46,6 @@ def ids(start: int, stop: int) -> list[str]:
     return [f"call-{n:06d}" for n in range(start, stop)]
 
 
-def expected_rows(call_ids: list[str], seed: int = 0) -> dict[str, CallRows | None]:
-    """What each id should leave in the warehouse: the transform of what the simulator serves
-    (None for a 404)."""
-    out: dict[str, CallRows | None] = {}
-    for call_id in call_ids:
-        payload = payload_for(call_id, seed)
-        out[call_id] = (None if payload is None else
-                        transform(payload, call_id=call_id, fetched_at=EPOCH, run_id="-"))
-    return out
-
-
-def newest_snapshots(rows: list[CallRows]) -> tuple[dict[str, dict], dict[str, list[str]],
-                                                    dict[str, dict]]:
-    """Per customer and operator, the snapshot with the newest updated_date_time, and the
-    customer's phone numbers from that snapshot."""
-    cust: dict[str, CallRows] = {}
-    ops: dict[str, dict] = {}
-    for r in rows:
-        if r.customer is not None:
-            held = cust.get(r.customer["customer_id"])
-            if held is None or (r.customer["updated_date_time"]
-                                > held.customer["updated_date_time"]):
-                cust[r.customer["customer_id"]] = r
-        if r.operator is not None:
-            held_op = ops.get(r.operator["operator_id"])
-            if held_op is None or r.operator["updated_date_time"] > held_op["updated_date_time"]:
-                ops[r.operator["operator_id"]] = r.operator
-    return ({k: v.customer for k, v in cust.items()},
-            {k: [p["phone_number"] for p in v.phone_numbers] for k, v in cust.items()},
-            ops)
-
-
 def utc(value: Any) -> Any:
     if isinstance(value, datetime) and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
@@ -99,17 +63,6 @@ def table(engine: Engine, t, drop: tuple[str, ...] = ()) -> dict[Any, dict[str, 
 
 def dump(engine: Engine) -> dict[str, dict]:
     return {t.name: table(engine, t, drop=("fetched_at", "run_id")) for t in DATA_TABLES}
-
-
-def phone_lists(engine: Engine) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    with engine.connect() as conn:
-        for cid, number in conn.execute(
-            select(customer_phone_numbers.c.customer_id, customer_phone_numbers.c.phone_number)
-            .order_by(customer_phone_numbers.c.customer_id, customer_phone_numbers.c.position)
-        ):
-            out.setdefault(cid, []).append(number)
-    return out
 
 
 def status_of(engine: Engine) -> dict[str, str]:
@@ -134,26 +87,17 @@ def assert_summary_matches_bookkeeping(engine: Engine, summary: SyncSummary) -> 
     assert by_status.get("failed", 0) == summary.failed
 
 
-def assert_warehouse_holds(engine: Engine, expected: dict[str, CallRows | None]) -> None:
-    """Every servable id stored as its transformed payload, every 404 recorded not_found."""
-    stored = table(engine, calls, drop=("fetched_at", "run_id"))
-    statuses = status_of(engine)
-    for call_id, rows in expected.items():
-        if rows is None:
-            assert call_id not in stored, call_id
-            assert statuses[call_id] == "not_found", call_id
-            continue
-        assert statuses[call_id] == "loaded", call_id
-        want = {k: v for k, v in rows.call.items() if k not in ("fetched_at", "run_id")}
-        assert stored[call_id] == want, call_id
-    assert set(stored) == {k for k, v in expected.items() if v is not None}
+def assert_warehouse_holds(db_url: URL, want: Warehouse) -> None:
+    """Every id as `expected_warehouse` says: each servable id stored as its transformed
+    payload, each 404 recorded not_found; no other call stored."""
+    got = stored_warehouse(db_url)
+    assert lost_ids(want, got) == []
+    assert set(got.calls) == set(want.calls)
 
 
-def assert_newest_snapshots(engine: Engine, rows: list[CallRows]) -> None:
-    want_customers, want_phones, want_operators = newest_snapshots(rows)
-    assert table(engine, customers) == want_customers
-    assert table(engine, operators) == want_operators
-    assert phone_lists(engine) == {k: v for k, v in want_phones.items() if v}
+def assert_newest_snapshots(db_url: URL, want: Warehouse) -> None:
+    """Each customer (with its phone numbers) and operator at its newest snapshot."""
+    assert stale_entities(want, stored_warehouse(db_url)) == []
 
 
 # -- the happy path ----------------------------------------------------------------------------
@@ -162,8 +106,8 @@ def assert_newest_snapshots(engine: Engine, rows: list[CallRows]) -> None:
 def test_every_servable_id_is_loaded_as_the_transform_of_its_payload(
         sim: Simulator, any_db_url: URL, engine_for) -> None:
     call_ids = [*ids(1, 121), "nf-1", "nf-2"]
-    expected = expected_rows(call_ids)
-    servable = sum(1 for v in expected.values() if v is not None)
+    want = expected_warehouse(call_ids)
+    servable = len(want.calls)
     assert 0 < servable < 120  # the simulator's ~3% of 404s are among these ids
     with_nul = [i for i in call_ids if "\x00" in ((payload_for(i) or {}).get("note") or "")]
     assert with_nul  # and some of its notes with U+0000, which must be stripped
@@ -174,9 +118,9 @@ def test_every_servable_id_is_loaded_as_the_transform_of_its_payload(
             summary.failed, summary.skipped) == (
         "succeeded", 122, servable, 122 - servable, 0, 0)
     assert summary.exit_code == 0
+    assert_warehouse_holds(any_db_url, want)
+    assert_newest_snapshots(any_db_url, want)
     engine = engine_for(any_db_url)
-    assert_warehouse_holds(engine, expected)
-    assert_newest_snapshots(engine, [r for r in expected.values() if r is not None])
     assert_summary_matches_bookkeeping(engine, summary)
     # The raw payload is what was served, U+0000 stripped.
     stored = table(engine, calls)
@@ -215,28 +159,24 @@ def test_second_run_changes_nothing_in_the_data_tables(
 
 def test_everything_loads_despite_random_faults(pg_url: URL, engine_for) -> None:
     call_ids = ids(1, 151)
-    expected = expected_rows(call_ids, seed=1)
+    want = expected_warehouse(call_ids, seed=1)
     with Simulator(fault_rate=0.1, seed=1, retry_after_s=1) as sim:
         summary = run_sync(make_settings(sim, pg_url, concurrency=8, max_attempts=6), call_ids)
         requests = sim.total_requests
 
     assert summary.failed == 0
-    assert summary.loaded == sum(1 for v in expected.values() if v is not None)
+    assert summary.loaded == len(want.calls)
     assert requests > len(call_ids) + 5  # faults were injected, and retried
-    engine = engine_for(pg_url)
-    assert_warehouse_holds(engine, expected)
-    assert_newest_snapshots(engine, [r for r in expected.values() if r is not None])
-    assert_summary_matches_bookkeeping(engine, summary)
+    assert_warehouse_holds(pg_url, want)
+    assert_newest_snapshots(pg_url, want)
+    assert_summary_matches_bookkeeping(engine_for(pg_url), summary)
 
 
 def test_newest_snapshot_wins_across_two_runs(sim: Simulator, pg_url: URL, engine_for) -> None:
     # Wide ranges: about a third of customers change during the quarter (the simulator).
     first_ids, second_ids = ids(1, 1001), ids(1001, 2001)
-    expected_a, expected_b = expected_rows(first_ids), expected_rows(second_ids)
-    rows_a = [r for r in expected_a.values() if r is not None]
-    rows_b = [r for r in expected_b.values() if r is not None]
-    newest_a, _, _ = newest_snapshots(rows_a)
-    newest_b, _, _ = newest_snapshots(rows_b)
+    newest_a = expected_warehouse(first_ids).customers
+    newest_b = expected_warehouse(second_ids).customers
     # The test needs customers whose newest snapshot came in the first run and an older one
     # in the second, and the other way round.
     shared = newest_a.keys() & newest_b.keys()
@@ -248,9 +188,9 @@ def test_newest_snapshot_wins_across_two_runs(sim: Simulator, pg_url: URL, engin
     run_sync(make_settings(sim, pg_url), first_ids)
     run_sync(make_settings(sim, pg_url), second_ids)
 
-    engine = engine_for(pg_url)
-    assert_newest_snapshots(engine, rows_a + rows_b)
-    assert_warehouse_holds(engine, {**expected_a, **expected_b})
+    want = expected_warehouse(first_ids + second_ids)
+    assert_newest_snapshots(pg_url, want)
+    assert_warehouse_holds(pg_url, want)
 
 
 # -- skip, retry -------------------------------------------------------------------------------
@@ -320,7 +260,7 @@ def test_without_retry_failed_a_failed_id_not_listed_is_left_alone(
 def test_poisoned_record_fails_alone_while_its_batch_loads(
         sim: Simulator, pg_url: URL, engine_for, poisoned: str, reason: str) -> None:
     good = ids(1, 31)
-    expected = expected_rows(good)
+    want = expected_warehouse(good)
     summary = run_sync(make_settings(sim, pg_url, batch_size=100), [*good[:15], poisoned,
                                                                     *good[15:]])
 
@@ -334,7 +274,7 @@ def test_poisoned_record_fails_alone_while_its_batch_loads(
     assert status["status"] == "failed"
     assert reason in status["error"]
     assert poisoned not in table(engine, calls)
-    assert_warehouse_holds(engine, expected)
+    assert_warehouse_holds(pg_url, want)
     assert_summary_matches_bookkeeping(engine, summary)
 
 

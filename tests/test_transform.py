@@ -10,72 +10,21 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from helpers import (
+    DOCUMENTED_CALL_ROW,
+    DOCUMENTED_CUSTOMER_ROW,
+    DOCUMENTED_OPERATOR_ROW,
+    documented_example,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from etl.errors import PayloadError
 from etl.transform import CallRows, transform
 
-CALL_ID = "20180901-0001"
+CALL_ID = documented_example()["callId"]
 FETCHED_AT = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 RUN_ID = "run-test"
-
-
-def documented_example() -> dict[str, Any]:
-    """The vendor's documented example: every field of docs/design.md §1.2, numbers sent as strings,
-    timestamps with +09:00 and Z offsets."""
-    return {
-        "callId": CALL_ID,
-        "callType": "0",
-        "relatedCallId": "20180901-0000",
-        "phoneNumber": "0312345678",
-        "callDateTime": "2018-09-01T13:01:23+09:00",
-        "connectedDateTime": "2018-09-01T13:01:30+09:00",
-        "talkTime": "123",
-        "connectResult": "0",
-        "checkPoint": "A",
-        "note": "折り返し希望",
-        "customer": {
-            "customerId": "cus-00001",
-            "createdDateTime": "2018-01-01T00:00:00Z",
-            "updatedDateTime": "2018-08-31T15:00:00+09:00",
-            "familyName": "山田",
-            "familyNameKana": "ヤマダ",
-            "personalName": "太郎",
-            "personalNameKana": "タロウ",
-            "middleName": "ジョン",
-            "middleNameKana": "ジョン",
-            "phoneNumbers": ["09011112222", "0312345678"],
-            "orgName": "株式会社サンプル商事",
-            "orgNameKana": "カブシキガイシャサンプル",
-            "orgShortName": "サンプル商事",
-            "orgShortNameKana": "サンプル",
-            "deptName": "営業部",
-            "deptNameKana": "エイギョウブ",
-            "deptShortName": "営業",
-            "deptShortNameKana": "エイギョウ",
-            "note": "VIP",
-        },
-        "operator": {
-            "operatorId": "op-007",
-            "createdDateTime": "2017-04-01T09:00:00+09:00",
-            "updatedDateTime": "2018-08-01T00:00:00Z",
-            "operatorVoiceId": "7",
-            "name": "佐藤 花子",
-            "nameKana": "サトウ ハナコ",
-            "shortName": "佐藤",
-            "shortNameKana": "サトウ",
-            "orgName": "コミューボ株式会社",
-            "orgNameKana": "コミューボカブシキガイシャ",
-            "orgShortName": "コミューボ",
-            "orgShortNameKana": "コミューボ",
-            "deptName": "第一コールセンター",
-            "deptNameKana": "ダイイチコールセンター",
-            "deptShortName": "第一CC",
-            "deptShortNameKana": "ダイイチシーシー",
-        },
-        "scenario": {"scenarioId": "scn-01"},
-    }
 
 
 def run(payload: Any, call_id: str = CALL_ID) -> CallRows:
@@ -99,21 +48,7 @@ def test_documented_example_call_row_has_every_column_exactly():
     rows = run(payload)
 
     assert rows.call == {
-        "call_id": CALL_ID,
-        "call_type": 0,
-        "related_call_id": "20180901-0000",
-        "phone_number": "0312345678",
-        "call_date_time": utc(2018, 9, 1, 4, 1, 23),
-        "connected_date_time": utc(2018, 9, 1, 4, 1, 30),
-        "talk_time": 123,
-        "connect_result": "0",
-        "check_point": "A",
-        "note": "折り返し希望",
-        "customer_id": "cus-00001",
-        "customer_updated_date_time": utc(2018, 8, 31, 6, 0, 0),
-        "operator_id": "op-007",
-        "operator_updated_date_time": utc(2018, 8, 1, 0, 0, 0),
-        "scenario_id": "scn-01",
+        **DOCUMENTED_CALL_ROW,
         "raw": documented_example(),
         "fetched_at": FETCHED_AT,
         "run_id": RUN_ID,
@@ -127,55 +62,19 @@ def test_documented_example_call_row_has_every_column_exactly():
 def test_documented_example_customer_row_and_phone_numbers():
     rows = run(documented_example())
 
-    assert rows.customer == {
-        "customer_id": "cus-00001",
-        "created_date_time": utc(2018, 1, 1, 0, 0, 0),
-        "updated_date_time": utc(2018, 8, 31, 6, 0, 0),
-        "family_name": "山田",
-        "family_name_kana": "ヤマダ",
-        "personal_name": "太郎",
-        "personal_name_kana": "タロウ",
-        "middle_name": "ジョン",
-        "middle_name_kana": "ジョン",
-        "org_name": "株式会社サンプル商事",
-        "org_name_kana": "カブシキガイシャサンプル",
-        "org_short_name": "サンプル商事",
-        "org_short_name_kana": "サンプル",
-        "dept_name": "営業部",
-        "dept_name_kana": "エイギョウブ",
-        "dept_short_name": "営業",
-        "dept_short_name_kana": "エイギョウ",
-        "note": "VIP",
-    }
+    assert rows.customer == DOCUMENTED_CUSTOMER_ROW
     assert_utc(rows.customer["created_date_time"])
     assert_utc(rows.customer["updated_date_time"])
     assert rows.phone_numbers == [
-        {"customer_id": "cus-00001", "position": 0, "phone_number": "09011112222"},
-        {"customer_id": "cus-00001", "position": 1, "phone_number": "0312345678"},
+        {"customer_id": "cus-doc", "position": 0, "phone_number": "09011112222"},
+        {"customer_id": "cus-doc", "position": 1, "phone_number": "0312345678"},
     ]
 
 
 def test_documented_example_operator_and_scenario_rows():
     rows = run(documented_example())
 
-    assert rows.operator == {
-        "operator_id": "op-007",
-        "created_date_time": utc(2017, 4, 1, 0, 0, 0),
-        "updated_date_time": utc(2018, 8, 1, 0, 0, 0),
-        "operator_voice_id": 7,
-        "name": "佐藤 花子",
-        "name_kana": "サトウ ハナコ",
-        "short_name": "佐藤",
-        "short_name_kana": "サトウ",
-        "org_name": "コミューボ株式会社",
-        "org_name_kana": "コミューボカブシキガイシャ",
-        "org_short_name": "コミューボ",
-        "org_short_name_kana": "コミューボ",
-        "dept_name": "第一コールセンター",
-        "dept_name_kana": "ダイイチコールセンター",
-        "dept_short_name": "第一CC",
-        "dept_short_name_kana": "ダイイチシーシー",
-    }
+    assert rows.operator == DOCUMENTED_OPERATOR_ROW
     assert type(rows.operator["operator_voice_id"]) is int
     assert rows.scenario == {"scenario_id": "scn-01"}
 

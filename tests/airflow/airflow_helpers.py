@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import sys
@@ -11,7 +12,18 @@ from typing import Any
 
 from sqlalchemy.engine import URL
 
+from etl.config import normalize_database_url
 from etl.simulator import DEFAULT_ACCESS_TOKEN, DEFAULT_TENANT_ID, Simulator
+
+
+def installed(distribution: str) -> bool:
+    """Whether a distribution is installed. Not importlib.util.find_spec("airflow"): that finds
+    the tests' own airflow folder (see conftest.py)."""
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def load_dag(home: Path, filename: str, dag_id: str):
@@ -43,6 +55,14 @@ def warehouse_connection(url: URL) -> str:
                             "password": url.password, "port": url.port,
                             "schema": url.database}
     return json.dumps({k: v for k, v in conn.items() if v is not None})
+
+
+def warehouse_uri(url: URL) -> str:
+    """What a data engineer writes for warehouse_uri (`postgres://host:port/database`):
+    where the connection points (a socket directory as host: localhost)."""
+    url = normalize_database_url(url)
+    host = url.host if url.host and not url.host.startswith("/") else "localhost"
+    return f"postgres://{host}:{url.port or 5432}/{url.database}"
 
 
 class RecordingTI:

@@ -13,8 +13,6 @@ The root `tests/conftest.py` (pg_url, sim, ...) applies here as everywhere under
 from __future__ import annotations
 
 import atexit
-import importlib.metadata
-import importlib.util
 import logging
 import os
 import shutil
@@ -24,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from airflow_helpers import api_connection, warehouse_connection
+from airflow_helpers import api_connection, installed, warehouse_connection
 from sqlalchemy.engine import URL
 
 from etl.simulator import Simulator
@@ -35,16 +33,7 @@ EXAMPLE_DAG = ROOT / "examples" / "dags" / "commubo_sync.py"
 TEST_DAGS = HERE / "dags"
 
 
-def _installed(distribution: str) -> bool:
-    # Not importlib.util.find_spec("airflow"): that finds this folder (see the docstring).
-    try:
-        importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-HAVE_AIRFLOW = _installed("apache-airflow-core")
+HAVE_AIRFLOW = installed("apache-airflow-core")
 
 if HAVE_AIRFLOW:
     # Airflow reads its configuration once, when it is first imported, and the test modules

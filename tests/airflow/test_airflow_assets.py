@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("airflow.sdk")
 
 from airflow.sdk import Asset, AssetAlias  # noqa: E402
-from airflow_helpers import RecordingTI, load_dag, return_values  # noqa: E402
+from airflow_helpers import RecordingTI, load_dag, return_values, warehouse_uri  # noqa: E402
 from sqlalchemy import create_engine, select  # noqa: E402
 from sqlalchemy.engine import URL  # noqa: E402
 
@@ -32,13 +32,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.te
 TABLES = {"calls", "customers", "customer_phone_numbers", "customer_versions", "operators",
           "operator_versions", "scenarios", "etl_call_status"}
 NUM_SHARDS = 4  # the example DAG's
-
-
-def _warehouse_uri(url: URL) -> str:
-    """What a data engineer writes for warehouse_uri: where the connection points."""
-    url = normalize_database_url(url)
-    host = url.host if url.host and not url.host.startswith("/") else "localhost"
-    return f"postgres://{host}:{url.port or 5432}/{url.database}"
 
 
 def _asset_events(dag_id: str, run_id: str) -> list[tuple[str, int, dict]]:
@@ -77,7 +70,7 @@ def test_warehouse_assets_follow_the_openlineage_naming():
 
 def test_the_example_dags_shards_declare_the_tables_and_emit_events_with_counts(
         airflow_home: Path, connections: URL, monkeypatch, tmp_path: Path):
-    uri = _warehouse_uri(connections)
+    uri = warehouse_uri(connections)
     monkeypatch.setenv("COMMUBO_WAREHOUSE_URI", uri)
     dag = load_dag(airflow_home, "commubo_sync.py", "commubo_sync")
     sync = dag.get_task("sync")
@@ -137,7 +130,7 @@ def test_an_unmapped_task_without_warehouse_uri_reports_through_an_alias(
     events = OutletEventAccessors()
     task.execute({"ti": RecordingTI(), "outlet_events": events})  # type: ignore[arg-type]
     added = events[task.outlets[0]].asset_alias_events
-    expected = warehouse_assets(_warehouse_uri(connections))
+    expected = warehouse_assets(warehouse_uri(connections))
     assert {e.dest_asset_key.uri for e in added} == {a.uri for a in expected}
     assert all(e.extra["requested"] == 1 for e in added)
 
@@ -162,7 +155,7 @@ def test_openlineage_sees_the_api_as_input_and_the_tables_as_outputs(connections
     [source] = lineage.inputs
     assert (source.namespace, source.name) == (sim.url, "/v1/calls")
     assert source.inputFacets["inputStatistics"].rowCount == 20
-    namespace = _warehouse_uri(connections).rsplit("/", 1)[0]
+    namespace = warehouse_uri(connections).rsplit("/", 1)[0]
     database = normalize_database_url(connections).database
     assert {(o.namespace, o.name) for o in lineage.outputs} == {
         (namespace, f"{database}.public.{t}") for t in TABLES}

@@ -21,7 +21,6 @@ failed (celery_stack.py); the test's own keys in a shared Redis are deleted.
 from __future__ import annotations
 
 import base64
-import importlib.metadata
 import json
 import os
 import secrets
@@ -36,7 +35,7 @@ from typing import Any
 
 import pytest
 import requests
-from airflow_helpers import api_connection, warehouse_connection
+from airflow_helpers import api_connection, installed, warehouse_connection, warehouse_uri
 from celery_stack import Stack, free_port, redis_answers
 from helpers import fresh_database, stored_statuses
 from sqlalchemy.engine import URL
@@ -72,30 +71,16 @@ def hostname():
 '''
 
 
-def _warehouse_uri(url: URL) -> str:
-    """postgres://host:port/database of the warehouse (a socket directory: localhost)."""
-    host = url.host if url.host and not url.host.startswith("/") else "localhost"
-    return f"postgres://{host}:{url.port or 5432}/{url.database}"
-
-
 def _skip(reason: str) -> None:
     if REQUIRED:
         pytest.fail(f"{reason}; ETL_CELERY_TEST_REQUIRED=1 does not allow a skip", pytrace=False)
     pytest.skip(reason)
 
 
-def _installed(distribution: str) -> bool:
-    try:
-        importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 @pytest.fixture
 def celery_extra() -> None:
     missing = [d for d in ("apache-airflow-core", "apache-airflow-providers-celery", "redis")
-               if not _installed(d)]
+               if not installed(d)]
     if missing:
         _skip(f"needs the airflow and celery extras ({', '.join(missing)} not installed): "
               "UV_PROJECT_ENVIRONMENT=.venv-celery uv run --locked --extra airflow "
@@ -253,7 +238,7 @@ def test_example_dag_on_celery_workers_spreads_the_shards_and_loads_every_id(
         "AIRFLOW_CONN_COMMUBO_DEFAULT": api_connection(sim),
         "AIRFLOW_CONN_COMMUBO_WAREHOUSE": warehouse_connection(pg_url),
         # The example DAG names its assets by it (read when the DAG is parsed).
-        "COMMUBO_WAREHOUSE_URI": _warehouse_uri(pg_url),
+        "COMMUBO_WAREHOUSE_URI": warehouse_uri(pg_url),
         "ETL_CONFIG": str(fast_config),
         "PYTHONPATH": str(pylib),
     })
