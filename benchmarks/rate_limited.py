@@ -34,24 +34,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import plots
-from harness import (
-    CONCURRENCY,
-    DLT,
-    OURS,
-    BenchError,
-    Results,
-    Run,
-    Stat,
-    Target,
-    by_round,
-    log,
-    median,
-    rows_cell,
-    side_row,
-    side_table,
-    simulator_stats,
-    text_table,
-)
+from bench_base import BenchError, log
+from bench_proc import simulator_stats
+from bench_render import Stat, Target, by_round, median, rows_cell, side_row, side_table, text_table
+from bench_scenarios import Results, Run
+from harness import CONCURRENCY, DLT, OURS
 
 if TYPE_CHECKING:
     from run import Bench

@@ -45,33 +45,21 @@ import sys
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
-from harness import (
-    REPO,
-    Context,
-    Registry,
-    Results,
-    child_env,
-    command_line,
-    drop_stale_databases,
-    etl_command,
-    finish,
-    load_average,
-    log,
-    machine_facts,
-    markdown_table,
-    report_header,
-    run_scenarios,
-    summary_json,
-    wait_for,
-)
-from harness import start as start_child
+from bench_base import REPO, log
+from bench_db import drop_stale_databases
+from bench_machine import command_line, load_average, machine_facts
+from bench_proc import child_env, etl_command, finish, summary_json, wait_for
+from bench_proc import start as start_child
+from bench_render import markdown_table, report_header
+from bench_scenarios import Registry, Results, run_scenarios
+from harness import Context
 
 from etl.simulator import ESCAPE_REASON, Simulator, payload_for, random_fault
 from etl.testing import (
@@ -145,6 +133,9 @@ class Result:
         if not ok:
             self.problems.append(problem)
 
+    def no_traceback(self, *stderr: str) -> None:
+        self.check("Traceback" not in "".join(stderr), "a traceback on stderr")
+
     @property
     def ok(self) -> bool:
         return not self.problems and not (self.lost or self.inconsistent or self.stale)
@@ -180,14 +171,11 @@ def tally(result: Result, want: Warehouse, got: Warehouse, broken: dict[str, int
 
 class Rel(Context):
     """The session of reliability.py: the harness's Context, with config files and the
-    `etl sync` runs of a scenario against an in-process simulator."""
+    `etl sync` runs of a scenario against an in-process simulator (`stage`)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args.pg_url, args=args, prefix="etl-reliability-")
-
-    def database(self, name: str) -> contextlib.AbstractContextManager[str]:
-        """A fresh database for one scenario; yields its libpq URL."""
-        return self.fresh_db(name)
+        self.seed: int = args.seed
 
     def config(self, name: str, **api: object) -> Path:
         values = {"backoff_s": 0.01, "max_backoff_s": 0.05, "timeout_s": 5,
@@ -205,6 +193,34 @@ class Rel(Context):
         path.write_text("# every setting at its default\n")
         return path
 
+    def shuffled(self, ids: list[str]) -> list[str]:
+        """`ids` in the order of the run's seed (a new list)."""
+        ids = list(ids)
+        random.Random(self.seed).shuffle(ids)
+        return ids
+
+    @contextlib.contextmanager
+    def stage(self, name: str, ids: list[str], sim: Simulator | None = None, *,
+              config: Path | None = None, **api: object) -> Iterator[Stage]:
+        """What a scenario's runs share: the simulator `sim` (by default one with the run's
+        seed and nothing else) serving in this process, a fresh database `name`, the config
+        file `config` (by default `self.config(name, **api)`) and the ids file of `ids`."""
+        with contextlib.ExitStack() as stack:
+            sim = stack.enter_context(Simulator(seed=self.seed) if sim is None else sim)
+            db = stack.enter_context(self.fresh_db(name))
+            yield Stage(self, sim, db, config or self.config(name, **api),
+                        self.write_ids(name, ids), ids, stack)
+
+    def batched_stage(self, name: str, prefix: str, *, poison: bool, latency_ms: float = 5,
+                      **api: object) -> contextlib.AbstractContextManager[Stage]:
+        """The stage of the scenarios that kill, stop or cut off a run between or inside its
+        batches: --ids ordinary ids `<prefix>-NNNNN`, a 404 `nf-<prefix>` and, with `poison`,
+        `poison-<prefix>` (it never loads), answered in `latency_ms`, in batches of 20."""
+        ids = [*numbered(prefix, self.args.ids), f"nf-{prefix}",
+               *([f"poison-{prefix}"] if poison else [])]
+        return self.stage(name, ids, Simulator(latency_ms=latency_ms, seed=self.seed),
+                          batch_size=20, **api)
+
     def sync_cmd(self, config: Path, ids: Path, *extra: str) -> list[str]:
         return etl_command("sync", "--config", str(config), "--ids-file", str(ids), "--json",
                            *extra)
@@ -215,17 +231,11 @@ class Rel(Context):
         return start_child(self.sync_cmd(config, ids, *extra),
                            env=child_env(base_url=api.url, db_url=db), cwd=self.work)
 
-    def run(self, api: Simulator, db: str, config: Path, ids: Path, *extra: str
-            ) -> tuple[int, str, str]:
-        """`etl sync` to its end: exit code, stdout, stderr."""
-        code, stdout, stderr, _ = self.run_measured(api, db, config, ids, *extra)
-        return code, stdout, stderr
-
     def run_measured(self, api: Simulator, db: str, config: Path, ids: Path, *extra: str
                      ) -> tuple[int, str, str, float]:
-        """`run`, and the peak RSS of the `etl sync` process in MB: the kernel's high-water
-        mark (ru_maxrss of wait4 by the launcher measure.py), not a sample that could miss a
-        spike."""
+        """`etl sync` to its end: exit code, stdout, stderr, and the peak RSS of the process
+        in MB: the kernel's high-water mark (ru_maxrss of wait4 by the launcher measure.py),
+        not a sample that could miss a spike."""
         child = self.measure(self.sync_cmd(config, ids, *extra), 600,
                              env=child_env(base_url=api.url, db_url=db))
         return child.returncode, child.stdout, child.stderr, child.rss_mb
@@ -235,10 +245,10 @@ class Rel(Context):
         child = self.measure(etl_command(*args), 120, env=child_env(db_url=db))
         return child.returncode, child.stdout, child.stderr
 
-    def judge(self, result: Result, db: str, call_ids: list[str], seed: int = 0,
-              failing: list[str] = ()) -> Result:
-        want = expected_warehouse(call_ids, seed, failing)
-        return tally(result, want, stored_warehouse(db), inconsistencies(db))
+    def timed(self, fn: Callable[..., Result], *args: object) -> Result:
+        """`fn(*args)`, its Result recorded with the time the call took."""
+        started = time.monotonic()
+        return self.record(fn(*args), started)
 
     def record(self, result: Result, started: float, finished: float | None = None) -> Result:
         result.duration_s = (finished or time.monotonic()) - started
@@ -248,7 +258,76 @@ class Rel(Context):
         return result
 
 
+@dataclass
+class Stage:
+    """A scenario's simulator, database, config file and ids (`Rel.stage`), and its `etl
+    sync` runs against them; `watcher`, a Watcher session on the database, opens at its
+    first use and closes with the stage."""
+
+    ctx: Rel
+    sim: Simulator
+    db: str
+    config: Path
+    ids_file: Path
+    ids: list[str]
+    _stack: contextlib.ExitStack
+    _watcher: Watcher | None = None
+
+    @property
+    def watcher(self) -> Watcher:
+        if self._watcher is None:
+            self._watcher = self._stack.enter_context(Watcher(self.db))
+        return self._watcher
+
+    def start(self, *extra: str, config: Path | None = None, ids_file: Path | None = None
+              ) -> subprocess.Popen[str]:
+        """`etl sync` unmeasured (`Rel.start`), with the stage's config and ids unless
+        given."""
+        return self.ctx.start(self.sim, self.db, config or self.config,
+                              ids_file or self.ids_file, *extra)
+
+    def run(self, *extra: str, config: Path | None = None, sim: Simulator | None = None
+            ) -> tuple[int, str, str]:
+        """`etl sync` to its end: exit code, stdout, stderr."""
+        code, stdout, stderr, _ = self.run_measured(*extra, config=config, sim=sim)
+        return code, stdout, stderr
+
+    def run_measured(self, *extra: str, config: Path | None = None,
+                     sim: Simulator | None = None) -> tuple[int, str, str, float]:
+        """`Rel.run_measured`, against the stage's simulator with its config unless
+        given."""
+        return self.ctx.run_measured(sim or self.sim, self.db, config or self.config,
+                                     self.ids_file, *extra)
+
+    def judge(self, result: Result, failing: Iterable[str] = (), *,
+              want: Warehouse | None = None) -> Result:
+        """`tally` of the stage's database against `want`, by default what the simulator
+        serves for the stage's ids, `failing` never loading."""
+        if want is None:
+            want = expected_warehouse(self.ids, self.ctx.seed, failing)
+        return tally(result, want, stored_warehouse(self.db), inconsistencies(self.db))
+
+
 SCENARIOS = Registry()
+
+
+def scenario(name: str, help: str) -> Callable[[Callable[[Rel], Result]],
+                                               Callable[[Rel], Result]]:
+    """A scenario of one judged run (a function returning its Result), added to SCENARIOS:
+    timed and logged by `Rel.timed`."""
+    def register(fn: Callable[[Rel], Result]) -> Callable[[Rel], Result]:
+        def run(ctx: Rel) -> Results:
+            return Results(records=[ctx.timed(fn, ctx)])
+        SCENARIOS.add(name, help)(run)
+        return fn
+    return register
+
+
+def numbered(prefix: str, n: int, width: int = 5) -> list[str]:
+    """n ordinary ids `<prefix>-00000`, ..."""
+    return [f"{prefix}-{i:0{width}d}" for i in range(n)]
+
+
 @SCENARIOS.add("faults", "one run per fault kind the simulator injects: 5xx bursts, 429 with "
                "Retry-After in seconds and as an HTTP date, connection resets, bodies "
                "cut short, answers slower than the timeout, answers or bodies trickled "
@@ -260,28 +339,26 @@ def faults(ctx: Rel) -> Results:
     with contextlib.ExitStack() as stack:
         for kind in FAULT_KINDS:
             started = time.monotonic()
-            sim = stack.enter_context(TimedSimulator(
-                slow_s=1.5, retry_after_s=RETRY_AFTER_S, trickle_s=TRICKLE_S,
-                seed=ctx.args.seed))
-            db = stack.enter_context(ctx.database(f"faults_{kind}"))
             bursts = [f"{kind}-{b}-b{j}" for b in range(1, MAX_ATTEMPTS) for j in range(3)]
             endless = [f"{kind}-{MAX_ATTEMPTS}-z{j}" for j in range(3)]
-            ids = [*(f"fault{kind}-{i:05d}" for i in range(n)), *bursts, *endless]
-            random.Random(ctx.args.seed).shuffle(ids)
-            config = ctx.config(f"faults-{kind}", timeout_s=TIMEOUT_S)
-            proc = ctx.start(sim, db, config, ctx.write_ids(f"faults-{kind}", ids))
-            runs.append((kind, sim, db, ids, bursts, endless, proc, started))
+            st = stack.enter_context(ctx.stage(
+                f"faults_{kind}", ctx.shuffled([*numbered(f"fault{kind}", n), *bursts,
+                                                *endless]),
+                TimedSimulator(slow_s=1.5, retry_after_s=RETRY_AFTER_S, trickle_s=TRICKLE_S,
+                               seed=ctx.seed), timeout_s=TIMEOUT_S))
+            runs.append((kind, st, bursts, endless, st.start(), started))
         # The runs go at once: collect each as it ends, so each row gets its own time.
         with ThreadPoolExecutor(len(runs)) as pool:
-            ended = list(pool.map(_ended, [run[6] for run in runs]))
-        for (kind, sim, db, ids, bursts, endless, proc, started), (stderr, finished) in zip(
+            ended = list(pool.map(_ended, [run[4] for run in runs]))
+        for (kind, st, bursts, endless, proc, started), (stderr, finished) in zip(
                 runs, ended, strict=True):
+            sim = st.sim
             injected = sum(min(int(i.split("-")[1]), sim.requests_for(i))
                            for i in (*bursts, *endless))
-            result = Result(f"fault: {kind}", FAULT_KINDS[kind], injected)
-            ctx.judge(result, db, ids, ctx.args.seed, failing=endless)
+            result = st.judge(Result(f"fault: {kind}", FAULT_KINDS[kind], injected),
+                              failing=endless)
             result.check(proc.returncode == 1, f"exit {proc.returncode}, expected 1")
-            result.check("Traceback" not in stderr, "a traceback on stderr")
+            result.no_traceback(stderr)
             over = [i for i in endless if sim.requests_for(i) != MAX_ATTEMPTS]
             result.check(not over, f"attempt limit not kept for {over}")
             result.notes.append(f"bursts of 1 to {MAX_ATTEMPTS - 1} faults loaded; "
@@ -292,8 +369,7 @@ def faults(ctx: Rel) -> Results:
                 # the whole exchange does, and the id fails as a timeout.
                 said = (f"timed out: no complete answer within {TIMEOUT_S:g}s (gave up "
                         f"after {MAX_ATTEMPTS} attempts)")
-                with Watcher(db) as watcher:
-                    errors = watcher.errors(endless)
+                errors = st.watcher.errors(endless)
                 wrong = {i: e for i, e in errors.items() if e != said}
                 result.check(not wrong and len(errors) == len(endless),
                              f"errors of the always-trickling ids: {wrong or errors}")
@@ -323,34 +399,28 @@ def faults(ctx: Rel) -> Results:
     return Results(records=done)
 
 
-@SCENARIOS.add("bad-answers", "404s, a persistently broken id, bodies that are not a call")
-def bad_answers(ctx: Rel) -> Results:
-    started = time.monotonic()
+@scenario("bad-answers", "404s, a persistently broken id, bodies that are not a call")
+def bad_answers(ctx: Rel) -> Result:
     bad = [f"{prefix}-{j}" for prefix in BAD_ANSWERS for j in range(5)]
-    ids = [*(f"bad-{i:05d}" for i in range(ctx.args.ids // 10)), *bad]
-    random.Random(ctx.args.seed).shuffle(ids)
-    with Simulator(seed=ctx.args.seed) as sim, ctx.database("bad_answers") as db:
-        code, _, stderr = ctx.run(sim, db, ctx.config("bad", batch_size=20),
-                                   ctx.write_ids("bad", ids))
-        result = Result("bad answers", "404, persistent 500, not JSON, wrong or no callId, "
-                        "array body, bad talkTime, int beyond int32",
-                        sum(sim.requests_for(i) for i in bad))
-        ctx.judge(result, db, ids, ctx.args.seed)
+    ids = ctx.shuffled([*numbered("bad", ctx.args.ids // 10), *bad])
+    with ctx.stage("bad_answers", ids, batch_size=20) as st:
+        code, _, stderr = st.run()
+        result = st.judge(Result("bad answers", "404, persistent 500, not JSON, wrong or no "
+                                 "callId, array body, bad talkTime, int beyond int32",
+                                 sum(st.sim.requests_for(i) for i in bad)))
     result.check(code == 1, f"exit {code}, expected 1")
-    result.check("Traceback" not in stderr, "a traceback on stderr")
+    result.no_traceback(stderr)
     result.notes.append("each bad record failed alone with its reason, its batch loaded; "
                         "exit 1")
-    return Results(records=[ctx.record(result, started)])
+    return result
 
 
-@SCENARIOS.add("hostile-bodies", "gzip bombs, huge and endless bodies, terminal escape "
-               "sequences; the peak RSS of the run")
-def hostile_bodies(ctx: Rel) -> Results:
+@scenario("hostile-bodies", "gzip bombs, huge and endless bodies, terminal escape sequences; "
+          "the peak RSS of the run")
+def hostile_bodies(ctx: Rel) -> Result:
     """Bodies that would take the memory or the terminal, among ordinary ids; the peak
     RSS of the run against the same ordinary ids alone, and with one kind at a time."""
-    started = time.monotonic()
-    seed = ctx.args.seed
-    ordinary = [f"hostile-{i:05d}" for i in range(ctx.args.ids // 5)]
+    ordinary = numbered("hostile", ctx.args.ids // 5)
     hostile = {kind: [f"{kind}-{j}" for j in range(HOSTILE_EACH)] for kind in HOSTILE_KINDS}
     peaks: dict[str, float] = {}
     codes: dict[str, int] = {}
@@ -358,29 +428,21 @@ def hostile_bodies(ctx: Rel) -> Results:
     # separate processes, so each peak belongs to one kind.
     for label, extra in (("ordinary ids alone", []), ("bombs", hostile["bomb"]),
                          ("endless bodies", hostile["endless"])):
-        ids = [*ordinary, *extra]
-        random.Random(seed).shuffle(ids)
-        name = label.split()[0]
-        with Simulator(seed=seed) as sim, ctx.database(f"hostile_{name}") as db:
-            codes[label], _, _, peaks[label] = ctx.run_measured(
-                sim, db, ctx.config(f"hostile-{name}"), ctx.write_ids(f"hostile-{name}",
-                                                                       ids))
-    ids = [*ordinary, *(i for kind_ids in hostile.values() for i in kind_ids)]
-    random.Random(seed).shuffle(ids)
-    with Simulator(seed=seed) as sim, ctx.database("hostile_bodies") as db, \
-            Watcher(db) as watcher:
-        code, stdout, stderr, peak = ctx.run_measured(
-            sim, db, ctx.config("hostile"), ctx.write_ids("hostile", ids))
-        served = {i: sim.requests_for(i) for kind_ids in hostile.values() for i in kind_ids}
+        with ctx.stage(f"hostile_{label.split()[0]}", ctx.shuffled([*ordinary, *extra])) as st:
+            codes[label], _, _, peaks[label] = st.run_measured()
+    ids = ctx.shuffled([*ordinary, *(i for kind_ids in hostile.values() for i in kind_ids)])
+    with ctx.stage("hostile_bodies", ids) as st:
+        watcher = st.watcher
+        code, stdout, stderr, peak = st.run_measured()
+        served = {i: st.sim.requests_for(i) for kind_ids in hostile.values() for i in kind_ids}
         errors = watcher.errors(list(served))
         stored_errors = watcher.all_errors()
-        shown_code, shown, shown_err = ctx.etl(db, "failures")
-        result = Result("hostile bodies", "; ".join(what for what, _ in
-                                                    HOSTILE_KINDS.values()),
-                        sum(served.values()))
-        ctx.judge(result, db, ids, seed)
+        shown_code, shown, shown_err = ctx.etl(st.db, "failures")
+        result = st.judge(Result("hostile bodies", "; ".join(what for what, _ in
+                                                             HOSTILE_KINDS.values()),
+                                 sum(served.values())))
     result.check(code == 1, f"exit {code}, expected 1")
-    result.check("Traceback" not in stderr, "a traceback on stderr")
+    result.no_traceback(stderr)
     again = sorted(i for i, n in served.items() if n != 1)
     result.check(not again, f"hostile ids not requested exactly once: "
                  f"{[(i, served[i]) for i in again]}")
@@ -411,66 +473,59 @@ def hostile_bodies(ctx: Rel) -> Results:
         f"{RSS_LIMIT_MB} MB), " + ", ".join(f"{peaks[label]:.0f} MB with {label}"
                                              for label in peaks)
         + f" ({len(ordinary)} ordinary ids each, concurrency 4)")
-    return Results(records=[ctx.record(result, started)])
+    return result
 
 
-@SCENARIOS.add("random-faults", "every request fails with probability 0.3")
-def random_faults(ctx: Rel) -> Results:
-    started = time.monotonic()
-    rate, seed, attempts = 0.3, ctx.args.seed, 10
-    ids = [f"rnd-{i:06d}" for i in range(ctx.args.ids * 2)]
+@scenario("random-faults", "every request fails with probability 0.3")
+def random_faults(ctx: Rel) -> Result:
+    rate, seed, attempts = 0.3, ctx.seed, 10
+    ids = numbered("rnd", ctx.args.ids * 2, width=6)
     # Ids whose first `attempts` requests all fault cannot load: the simulator's choice is
     # a function of (seed, id, attempt), so they are known in advance.
     failing = [i for i in ids if payload_for(i, seed) is not None
                and all(random_fault(seed, i, a, rate) for a in range(attempts))]
-    with Simulator(fault_rate=rate, seed=seed, retry_after_s=0) as sim, \
-            ctx.database("random_faults") as db:
-        config = ctx.config("random", max_attempts=attempts, concurrency=8,
-                             batch_size=100)
-        code, _, stderr = ctx.run(sim, db, config, ctx.write_ids("random", ids))
+    with ctx.stage("random_faults", ids, Simulator(fault_rate=rate, seed=seed, retry_after_s=0),
+                   max_attempts=attempts, concurrency=8, batch_size=100) as st:
+        code, _, stderr = st.run()
         kinds: Counter[str] = Counter()
         for i in ids:
             if payload_for(i, seed) is not None:
-                for a in range(sim.requests_for(i)):
+                for a in range(st.sim.requests_for(i)):
                     kinds[random_fault(seed, i, a, rate) or "none"] += 1
         kinds.pop("none", None)
-        result = Result("random faults", f"each request faulted with p = {rate}: "
-                        + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())),
-                        sum(kinds.values()))
-        ctx.judge(result, db, ids, seed, failing)
+        result = st.judge(Result("random faults", f"each request faulted with p = {rate}: "
+                                 + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())),
+                                 sum(kinds.values())), failing)
     result.check(code == (1 if failing else 0), f"exit {code}")
-    result.check("Traceback" not in stderr, "a traceback on stderr")
+    result.no_traceback(stderr)
     result.notes.append(f"{attempts} attempts per id; {len(failing)} id(s) drew "
                         f"{attempts} faults in a row and failed as expected; exit {code}")
-    return Results(records=[ctx.record(result, started)])
+    return result
 
 
-@SCENARIOS.add("dead-api", "every connection refused, default settings, until the run stops with "
-               "exit 3")
-def dead_api(ctx: Rel) -> Results:
+@scenario("dead-api", "every connection refused, default settings, until the run stops with "
+          "exit 3")
+def dead_api(ctx: Rel) -> Result:
     """Every connection refused, with the default settings: the circuit breaker's window
     (api.unreachable_after_s, 20 s) must stop the run long before the ids run out."""
-    started = time.monotonic()
-    ids = [f"dead-{i:05d}" for i in range(DEAD_API_IDS)]
-    with Simulator(refuse=True, seed=ctx.args.seed) as dead, \
-            ctx.database("dead_api") as db, Watcher(db) as watcher:
+    ids = numbered("dead", DEAD_API_IDS)
+    with ctx.stage("dead_api", ids, Simulator(refuse=True, seed=ctx.seed),
+                   config=ctx.default_config("dead_api")) as st:
+        watcher = st.watcher
         began = time.monotonic()
-        code, stdout, stderr = ctx.run(dead, db, ctx.default_config("dead"),
-                                        ctx.write_ids("dead", ids))
+        code, stdout, stderr = st.run()
         took = time.monotonic() - began
-        summary = summary_json(stdout)
-        status = watcher.run_status(summary.get("run_id"))
-        result = Result("dead API", "every connection refused (the port bound, never "
-                        "listening), default api settings", 1)
+        status = watcher.run_status(summary_json(stdout).get("run_id"))
         # A run that reached nothing must leave nothing: judged against an empty warehouse.
-        tally(result, Warehouse(), stored_warehouse(db), inconsistencies(db))
+        result = st.judge(Result("dead API", "every connection refused (the port bound, never "
+                                 "listening), default api settings", 1), want=Warehouse())
         result.requested = len(ids)
-        requests, stored = dead.total_requests, watcher.committed()
+        requests, stored = st.sim.total_requests, watcher.committed()
     line = _one_line(result, stderr)
     result.check(code == 3, f"exit {code}, expected 3")
     result.check(took < DEAD_API_LIMIT_S, f"stopped after {took:.0f} s, limit "
                  f"{DEAD_API_LIMIT_S} s")
-    result.check(line.startswith(f"etl: error: cannot reach the API at {dead.url}: "
+    result.check(line.startswith(f"etl: error: cannot reach the API at {st.sim.url}: "
                                  "connection refused (no answer for ")
                  and "api.unreachable_after_s = 20)" in line, f"message: {line!r}")
     result.check(stored == 0, f"{stored} status rows, expected none")
@@ -478,76 +533,65 @@ def dead_api(ctx: Rel) -> Results:
     result.check(requests == 0, f"{requests} requests reached the simulator")
     result.notes.append(f"{len(ids):,} ids; exit 3 {took:.1f} s after the start, one line "
                         f"(`{line}`); no status row, run `failed`")
-    return Results(records=[ctx.record(result, started)])
+    return result
 
 
-@SCENARIOS.add("api-dies", "the API starts refusing in the middle of a run, then a rerun against a "
-               "new one")
-def api_dies(ctx: Rel) -> Results:
+@scenario("api-dies", "the API starts refusing in the middle of a run, then a rerun against a "
+          "new one")
+def api_dies(ctx: Rel) -> Result:
     """The API starts refusing every connection once some batches are committed; the run
     stops (a 2 s breaker window), and --skip-loaded against a new simulator finishes."""
-    started = time.monotonic()
-    seed = ctx.args.seed
-    ids = [*(f"dies-{i:05d}" for i in range(ctx.args.ids)), "nf-dies", "poison-dies"]
-    want = expected_warehouse(ids, seed)
-    config, path = ctx.config("dies", batch_size=20, unreachable_after_s=2), \
-        ctx.write_ids("dies", ids)
-    with ctx.database("api_dies") as db, Watcher(db) as watcher:
-        with Simulator(latency_ms=5, seed=seed) as sim:
-            proc = ctx.start(sim, db, config, path)
-            wait_for(lambda: watcher.committed() >= 100 or proc.poll() is not None)
-            sim.refuse_connections()
-            died = time.monotonic()
-            before = watcher.statuses()
-            stdout, stderr = finish(proc)
-            stopped_s = time.monotonic() - died
-            after = watcher.statuses()
-        with Simulator(latency_ms=5, seed=seed) as again:
-            code, _, rerun_err = ctx.run(again, db, config, path, "--skip-loaded")
-        result = Result("API dies mid-run", "every connection refused from the moment "
-                        f"{len(before)} ids were committed (`refuse_connections()`), then "
-                        "--skip-loaded against a new simulator", 1)
-        ctx.judge(result, db, ids, seed)
+    with ctx.batched_stage("api_dies", "dies", poison=True, unreachable_after_s=2) as st:
+        ids, want, watcher = st.ids, expected_warehouse(st.ids, ctx.seed), st.watcher
+        proc = st.start()
+        wait_for(lambda: watcher.committed() >= 100 or proc.poll() is not None)
+        st.sim.refuse_connections()
+        died = time.monotonic()
+        before = watcher.statuses()
+        stdout, stderr = finish(proc)
+        stopped_s = time.monotonic() - died
+        after = watcher.statuses()
+        with Simulator(latency_ms=5, seed=ctx.seed) as again:
+            code, _, rerun_err = st.run("--skip-loaded", sim=again)
+        result = st.judge(Result("API dies mid-run", "every connection refused from the "
+                                 f"moment {len(before)} ids were committed "
+                                 "(`refuse_connections()`), then --skip-loaded against a new "
+                                 "simulator", 1), want=want)
     line = _one_line(result, stderr)
     changed = sorted(i for i, held in before.items() if after.get(i) != held)
     wrong = sorted(i for i, (status, _) in after.items() if status != want.statuses[i])
     result.check(proc.returncode == 3, f"exit {proc.returncode}, expected 3")
-    result.check(line.startswith(f"etl: error: cannot reach the API at {sim.url}: ")
+    result.check(line.startswith(f"etl: error: cannot reach the API at {st.sim.url}: ")
                  and "api.unreachable_after_s = 2)" in line, f"message: {line!r}")
     result.check(len(before) < len(ids), "the run had ended before the API died")
     result.check(not changed, f"committed ids changed or gone (first 5): {changed[:5]}")
     result.check(not wrong, f"ids stored with a status not theirs (first 5): {wrong[:5]}")
     result.check(code == 1, f"rerun exit {code}, expected 1 (poison-dies)")
-    result.check("Traceback" not in stderr + rerun_err, "a traceback on stderr")
+    result.no_traceback(stderr, rerun_err)
     result.notes.append(
         f"the run stopped {stopped_s:.1f} s after the API died, exit 3, one line "
         f"(`{line}`); the {len(before)} ids committed before stayed as they were, "
         f"{len(after) - len(before)} more were committed from what was fetched, none "
         "recorded failed for want of an answer; the rerun with --skip-loaded against a "
         "new simulator (same seed) completed the work, exit 1 (poison-dies)")
-    return Results(records=[ctx.record(result, started)])
+    return result
 
 
-@SCENARIOS.add("wrong-base-url", "the base URL with /v1 or /api after a good load")
-def wrong_base_url(ctx: Rel) -> Results:
+@scenario("wrong-base-url", "the base URL with /v1 or /api after a good load")
+def wrong_base_url(ctx: Rel) -> Result:
     """After a good load: the base URL with /v1 (refused before any request), then with
     /api (the simulator answers 404 for every id). Neither may touch a status."""
-    started = time.monotonic()
-    seed = ctx.args.seed
-    ids = [f"base-{i:05d}" for i in range(ctx.args.ids // 5)]
-    with Simulator(seed=seed) as sim, ctx.database("wrong_base_url") as db, \
-            Watcher(db) as watcher:
-        config, path = ctx.config("base"), ctx.write_ids("base", ids)
-        first, _, _ = ctx.run(sim, db, config, path)
+    with ctx.stage("wrong_base_url", numbered("base", ctx.args.ids // 5)) as st:
+        sim, watcher = st.sim, st.watcher
+        first, _, _ = st.run()
         before, served = watcher.statuses(), sim.total_requests
-        v1, _, v1_err = ctx.run(sim, db, config, path, "--base-url", sim.url + "/v1")
+        v1, _, v1_err = st.run("--base-url", sim.url + "/v1")
         v1_requests, served = sim.total_requests - served, sim.total_requests
-        api, _, api_err = ctx.run(sim, db, config, path, "--base-url", sim.url + "/api")
+        api, _, api_err = st.run("--base-url", sim.url + "/api")
         api_requests = sim.total_requests - served
         after = watcher.statuses()
-        result = Result("wrong base URL", "the base URL + /v1, then + /api (404 for every "
-                        "id) after a good load", 2)
-        ctx.judge(result, db, ids, seed)
+        result = st.judge(Result("wrong base URL", "the base URL + /v1, then + /api (404 for "
+                                 "every id) after a good load", 2))
     v1_line, api_line = _one_line(result, v1_err), _one_line(result, api_err)
     result.check(first == 0, f"first load exit {first}, expected 0")
     result.check(v1 == 2, f"/v1 exit {v1}, expected 2")
@@ -569,26 +613,22 @@ def wrong_base_url(ctx: Rel) -> Results:
         f"{api_requests} requests answered 404 (`{api_line}`); every status stayed as the "
         f"first load left it ({len(rewritten)} ids already `not_found` were recorded "
         "`not_found` again by the /api run, as a rerun would; no other row was written)")
-    return Results(records=[ctx.record(result, started)])
+    return result
 
 
-@SCENARIOS.add("kills", "SIGKILL at seeded random moments, run after run on one database")
-def kills(ctx: Rel) -> Results:
+@scenario("kills", "SIGKILL at seeded random moments, run after run on one database")
+def kills(ctx: Rel) -> Result:
     """SIGKILL at seeded random moments, run after run on one database, then one run to
     the end. Every other run is `--skip-loaded`."""
-    started = time.monotonic()
-    rng = random.Random(ctx.args.seed)
-    ids = [*(f"kill-{i:05d}" for i in range(ctx.args.ids)), "nf-kill", "poison-kill"]
+    rng = random.Random(ctx.seed)
     moments: Counter[str] = Counter()
     # 20 ms per answer and 2 at a time: a whole run takes ids / 100 seconds, longer than
     # the 0.2 to 1.6 s a killed run lives, so each kill hits a running sync.
-    with Simulator(latency_ms=20, seed=ctx.args.seed) as sim, \
-            ctx.database("kills") as db, Watcher(db) as watcher:
-        config = ctx.config("kills", batch_size=20, concurrency=2)
-        path = ctx.write_ids("kills", ids)
+    with ctx.batched_stage("kills", "kill", poison=True, latency_ms=20, concurrency=2) as st:
+        watcher = st.watcher
         landed, torn = 0, 0
         for k in range(ctx.args.kills):
-            proc = ctx.start(sim, db, config, path, *(["--skip-loaded"] if k % 2 else []))
+            proc = st.start(*(["--skip-loaded"] if k % 2 else []))
             time.sleep(rng.uniform(0.2, 1.6))
             if proc.poll() is not None:
                 proc.communicate()
@@ -599,52 +639,46 @@ def kills(ctx: Rel) -> Results:
             proc.communicate()
             landed += 1
             torn += not watcher.batches_whole()
-        code, _, stderr = ctx.run(sim, db, config, path, "--skip-loaded")
-        result = Result("SIGKILL at random moments",
-                        "kill -9 of `etl sync`, then the next run (every other one "
-                        "--skip-loaded)", landed)
-        ctx.judge(result, db, ids, ctx.args.seed)
+        code, _, stderr = st.run("--skip-loaded")
+        result = st.judge(Result("SIGKILL at random moments",
+                                 "kill -9 of `etl sync`, then the next run (every other one "
+                                 "--skip-loaded)", landed))
     result.check(landed == ctx.args.kills, f"only {landed} kills hit a running sync")
     result.check(torn == 0, f"{torn} kills left a call without its status or the reverse")
     result.check(code == 1, f"final run exit {code}, expected 1 (poison-kill)")
     result.notes.append("kills landed " + ", ".join(f"{n} {m}" for m, n in moments.items())
                         + "; after each, every call row had its `loaded` status and no "
                         "status lacked its row; the final run completed the work")
-    return Results(records=[ctx.record(result, started)])
+    return result
 
 
-@SCENARIOS.add("kills-in-batch", "SIGKILL while a batch transaction is open, made certain "
-               "by holding a lock the batch needs")
-def kills_in_batch(ctx: Rel) -> Results:
-    started = time.monotonic()
-    ids = [*(f"kib-{i:05d}" for i in range(ctx.args.ids)), "nf-kib"]
-    with Simulator(latency_ms=5, seed=ctx.args.seed) as sim, \
-            ctx.database("kills_in_batch") as db, Watcher(db) as watcher:
-        config, path = ctx.config("kib", batch_size=20), ctx.write_ids("kib", ids)
+@scenario("kills-in-batch", "SIGKILL while a batch transaction is open, made certain by holding "
+          "a lock the batch needs")
+def kills_in_batch(ctx: Rel) -> Result:
+    with ctx.batched_stage("kills_in_batch", "kib", poison=False) as st:
         landed, leaked = 0, 0
         for _ in range(ctx.args.batch_kills):
-            outcome = _kill_inside_a_batch(ctx, sim, db, config, path, watcher)
+            outcome = _kill_inside_a_batch(st)
             if outcome is None:
                 break
             landed += 1
             leaked += outcome
-        code, _, _ = ctx.run(sim, db, config, path, "--skip-loaded")
-        result = Result("SIGKILL inside a batch transaction",
-                        "kill -9 while a batch had written customers and operators and "
-                        "waited at calls (a lock held by this script)", landed)
-        ctx.judge(result, db, ids, ctx.args.seed)
+        code, _, _ = st.run("--skip-loaded")
+        result = st.judge(Result("SIGKILL inside a batch transaction",
+                                 "kill -9 while a batch had written customers and operators "
+                                 "and waited at calls (a lock held by this script)", landed))
     result.check(landed == ctx.args.batch_kills, f"only {landed} kills inside a batch")
     result.check(leaked == 0, f"{leaked} killed batches left rows behind")
     result.check(code == 0, f"final run exit {code}, expected 0")
     result.notes.append("nothing of a killed batch stayed; the next run completed the work")
-    return Results(records=[ctx.record(result, started)])
+    return result
 
 
-def _kill_inside_a_batch(ctx: Rel, sim: Simulator, db: str, config: Path, path: Path,
-                         watcher: Watcher) -> bool | None:
+def _kill_inside_a_batch(st: Stage) -> bool | None:
     """Start a sync, kill it inside its next batch; whether the batch left rows behind
     (None: the run ended before it could be killed)."""
-    proc = ctx.start(sim, db, config, path, "--skip-loaded")
+    watcher = st.watcher
+    proc = st.start("--skip-loaded")
     done = watcher.committed()
     wait_for(lambda: watcher.committed() > done or proc.poll() is not None)
     killed = False
@@ -663,23 +697,21 @@ def _kill_inside_a_batch(ctx: Rel, sim: Simulator, db: str, config: Path, path: 
 
 @SCENARIOS.add("signals", "SIGTERM and SIGINT while every request hangs, then a rerun")
 def signals(ctx: Rel) -> Results:
-    return Results(records=[_signal(ctx, sig) for sig in SIGNALS])
+    return Results(records=[ctx.timed(_signal, ctx, sig) for sig in SIGNALS])
 
 
 def _signal(ctx: Rel, sig: signal.Signals) -> Result:
     """A signal while every worker waits on an answer trickled a byte a second (with a
     300 s timeout); then --skip-loaded with a short timeout, where the trickles fail."""
-    started = time.monotonic()
-    seed, name = ctx.args.seed, sig.name
+    name = sig.name
     wanted, said = SIGNALS[sig]
-    ordinary = [f"{name.lower()}-{i:05d}" for i in range(ctx.args.ids // 5)]
+    ordinary = numbered(name.lower(), ctx.args.ids // 5)
     trickling = [f"trickle-99-{name.lower()}{j}" for j in range(8)]
-    ids = [*ordinary, *trickling]
-    random.Random(seed).shuffle(ids)
-    path = ctx.write_ids(f"sig-{name}", ids)
-    with Simulator(trickle_s=1, seed=seed) as sim, ctx.database(f"signal_{name}") as db, \
-            Watcher(db) as watcher:
-        proc = ctx.start(sim, db, ctx.config(f"sig-{name}", timeout_s=300), path)
+    ids = ctx.shuffled([*ordinary, *trickling])
+    with ctx.stage(f"signal_{name}", ids, Simulator(trickle_s=1, seed=ctx.seed),
+                   timeout_s=300) as st:
+        sim, watcher = st.sim, st.watcher
+        proc = st.start()
         # Four workers: once four trickling ids were asked for, every worker hangs.
         wait_for(lambda: sum(sim.requests_for(i) > 0 for i in trickling) >= 4
                  or proc.poll() is not None)
@@ -692,12 +724,12 @@ def _signal(ctx: Rel, sig: signal.Signals) -> Result:
         fetched = [i for i in ordinary if sim.requests_for(i)]
         stored = watcher.statuses()
         status = watcher.run_status(summary_json(stdout).get("run_id"))
-        rerun = ctx.config(f"sig-{name}-rerun", timeout_s=TIMEOUT_S)
-        code, _, rerun_err = ctx.run(sim, db, rerun, path, "--skip-loaded")
-        result = Result(f"{name} while requests hang",
-                        f"{name} to `etl sync` while its 4 workers waited on answers "
-                        "trickled a byte a second (timeout_s 300)", int(hung))
-        ctx.judge(result, db, ids, seed, failing=trickling)
+        rerun = ctx.config(f"signal_{name}_rerun", timeout_s=TIMEOUT_S)
+        code, _, rerun_err = st.run("--skip-loaded", config=rerun)
+        result = st.judge(Result(f"{name} while requests hang",
+                                 f"{name} to `etl sync` while its 4 workers waited on answers "
+                                 "trickled a byte a second (timeout_s 300)", int(hung)),
+                          failing=trickling)
     line = stderr.strip().splitlines()[-1] if stderr.strip() else ""
     missing = [i for i in fetched if i not in stored]
     result.check(hung, "the run had ended before the signal")
@@ -708,24 +740,21 @@ def _signal(ctx: Rel, sig: signal.Signals) -> Result:
     result.check(status == "interrupted", f"run status {status!r}, expected interrupted")
     result.check(not missing, f"fetched but not committed (first 5): {missing[:5]}")
     result.check(code == 1, f"rerun exit {code}, expected 1 (the trickling ids)")
-    result.check("Traceback" not in stderr + rerun_err, "a traceback on stderr")
+    result.no_traceback(stderr, rerun_err)
     result.notes.append(
         f"exit {proc.returncode} {took:.2f} s after the signal, last line `{line}`; run "
         f"`interrupted`; the {len(fetched)} ids fetched before were committed; the rerun "
         f"with --skip-loaded and timeout_s {TIMEOUT_S:g} completed the work (exit 1: the "
         f"trickling ids failed after {MAX_ATTEMPTS} attempts)")
-    return ctx.record(result, started)
+    return result
 
 
-@SCENARIOS.add("terminated", "pg_terminate_backend on the sync's sessions, between and inside "
-               "batches")
-def terminated(ctx: Rel) -> Results:
-    started = time.monotonic()
-    ids = [*(f"term-{i:05d}" for i in range(ctx.args.ids)), "nf-term", "poison-term"]
-    with Simulator(latency_ms=5, seed=ctx.args.seed) as sim, \
-            ctx.database("terminated") as db, Watcher(db) as watcher:
-        proc = ctx.start(sim, db, ctx.config("term", batch_size=20),
-                          ctx.write_ids("term", ids))
+@scenario("terminated", "pg_terminate_backend on the sync's sessions, between and inside "
+          "batches")
+def terminated(ctx: Rel) -> Result:
+    with ctx.batched_stage("terminated", "term", poison=True) as st:
+        watcher = st.watcher
+        proc = st.start()
         between, inside = 0, 0
         for _ in range(ctx.args.terminations):
             done = watcher.committed()
@@ -739,10 +768,9 @@ def terminated(ctx: Rel) -> Results:
         stdout, stderr = finish(proc)
         summary = json.loads(stdout)
         counted = watcher.run_counts(summary["run_id"])
-        result = Result("connections terminated",
-                        "pg_terminate_backend of etl's sessions: idle between batches "
-                        f"({between}) and inside a batch ({inside})", between + inside)
-        ctx.judge(result, db, ids, ctx.args.seed)
+        result = st.judge(Result("connections terminated",
+                                 "pg_terminate_backend of etl's sessions: idle between batches "
+                                 f"({between}) and inside a batch ({inside})", between + inside))
     result.check(inside == ctx.args.terminations,
                  f"only {inside} terminations inside a batch")
     result.check(proc.returncode == 1, f"exit {proc.returncode}, expected 1 (poison-term)")
@@ -750,18 +778,15 @@ def terminated(ctx: Rel) -> Results:
                  f"run counters {counted} differ from the summary")
     result.notes.append(f"the run went on by itself ({stderr.count('retrying the batch')} "
                         "batches written again) and its counters match its rows")
-    return Results(records=[ctx.record(result, started)])
+    return result
 
 
-@SCENARIOS.add("database-lost", "every session terminated until the run stops with exit 3, then a "
-               "rerun")
-def database_lost(ctx: Rel) -> Results:
-    started = time.monotonic()
-    ids = [*(f"lost-{i:05d}" for i in range(ctx.args.ids)), "nf-lost"]
-    with Simulator(latency_ms=5, seed=ctx.args.seed) as sim, \
-            ctx.database("database_lost") as db, Watcher(db) as watcher:
-        config, path = ctx.config("lost", batch_size=20), ctx.write_ids("lost", ids)
-        proc = ctx.start(sim, db, config, path)
+@scenario("database-lost", "every session terminated until the run stops with exit 3, then a "
+          "rerun")
+def database_lost(ctx: Rel) -> Result:
+    with ctx.batched_stage("database_lost", "lost", poison=False) as st:
+        watcher = st.watcher
+        proc = st.start()
         terminations = 0
         wait_for(lambda: watcher.committed() > 0 or proc.poll() is not None)
         with watcher.calls_locked():
@@ -771,11 +796,10 @@ def database_lost(ctx: Rel) -> Results:
                 time.sleep(0.01)
         _, stderr = finish(proc, 60)
         whole = watcher.batches_whole()
-        code, _, _ = ctx.run(sim, db, config, path, "--skip-loaded")
-        result = Result("database lost for good",
-                        "every attempt at a batch terminated until etl gave up",
-                        terminations)
-        ctx.judge(result, db, ids, ctx.args.seed)
+        code, _, _ = st.run("--skip-loaded")
+        result = st.judge(Result("database lost for good",
+                                 "every attempt at a batch terminated until etl gave up",
+                                 terminations))
     line = next((x for x in stderr.splitlines() if x.startswith("etl: error:")), "")
     result.check(proc.returncode == 3, f"exit {proc.returncode}, expected 3")
     result.check("failed 4 times writing a batch" in line, f"message: {line!r}")
@@ -783,30 +807,27 @@ def database_lost(ctx: Rel) -> Results:
     result.check(code == 0, f"rerun exit {code}, expected 0")
     result.notes.append(f"the run stopped with exit 3 and one line (`{line}`); the rerun "
                         "with --skip-loaded completed the work")
-    return Results(records=[ctx.record(result, started)])
+    return result
 
 
-@SCENARIOS.add("concurrent", "several `etl sync` processes at once on overlapping ids, on an empty "
-               "database")
-def concurrent(ctx: Rel) -> Results:
-    started = time.monotonic()
-    rng = random.Random(ctx.args.seed)
-    universe = [f"conc-{i:05d}" for i in range(ctx.args.ids)]
-    slices = []
-    for _ in range(ctx.args.processes):
-        ids = rng.sample(universe, k=int(0.6 * len(universe))) + ["nf-conc"]
-        slices.append(ids)
-    with Simulator(seed=ctx.args.seed) as sim, ctx.database("concurrent") as db:
-        procs = [ctx.start(sim, db, ctx.config(f"conc-{n}", concurrency=8),
-                            ctx.write_ids(f"conc-{n}", ids), "--batch-size",
-                            str((1, 2, 3, 5)[n % 4]))
+@scenario("concurrent", "several `etl sync` processes at once on overlapping ids, on an empty "
+          "database")
+def concurrent(ctx: Rel) -> Result:
+    rng = random.Random(ctx.seed)
+    universe = numbered("conc", ctx.args.ids)
+    slices = [rng.sample(universe, k=int(0.6 * len(universe))) + ["nf-conc"]
+              for _ in range(ctx.args.processes)]
+    requested = sorted({i for ids in slices for i in ids})
+    with ctx.stage("concurrent", requested) as st:
+        procs = [st.start("--batch-size", str((1, 2, 3, 5)[n % 4]),
+                          config=ctx.config(f"concurrent_{n}", concurrency=8),
+                          ids_file=ctx.write_ids(f"concurrent_{n}", ids))
                  for n, ids in enumerate(slices)]
         outs = [finish(p) for p in procs]
-        requested = sorted({i for ids in slices for i in ids})
-        result = Result("concurrent syncs",
-                        f"{ctx.args.processes} `etl sync` at once on an empty database, "
-                        "overlapping shuffled ids, batches of 1 to 5", ctx.args.processes)
-        ctx.judge(result, db, requested, ctx.args.seed)
+        result = st.judge(Result("concurrent syncs",
+                                 f"{ctx.args.processes} `etl sync` at once on an empty "
+                                 "database, overlapping shuffled ids, batches of 1 to 5",
+                                 ctx.args.processes))
     codes = [p.returncode for p in procs]
     errors = sum(err.lower().count("deadlock") + err.count("retrying the batch")
                  for _, err in outs)
@@ -814,8 +835,7 @@ def concurrent(ctx: Rel) -> Results:
     result.check(errors == 0, f"{errors} deadlocks or retried batches")
     result.notes.append("every process exit 0; no deadlock, no batch retried; the newest "
                         "snapshot of every customer and operator won")
-    return Results(records=[ctx.record(result, started)])
-
+    return result
 
 
 # -- small helpers -----------------------------------------------------------------------------

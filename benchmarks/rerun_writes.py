@@ -46,19 +46,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psycopg
-from harness import (
-    REPO,
-    BenchError,
-    Results,
-    Run,
-    Stat,
-    Target,
-    count_rows,
-    etl_command,
-    log,
-    sync_timeout,
-    text_table,
-)
+from bench_base import REPO, BenchError, log
+from bench_db import count_rows
+from bench_proc import etl_command, sync_timeout
+from bench_render import Stat, Target, text_table
+from bench_scenarios import Results, Run
 
 from etl.schema import DATA_TABLES
 

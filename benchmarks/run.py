@@ -32,6 +32,7 @@ import importlib.util
 import os
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,68 +40,45 @@ import plots
 import rate_limited
 import rerun_writes
 import scale_out
-from harness import (
-    BARE,
-    CONCURRENCY,
-    DLT,
-    HERE,
-    OURS,
-    PY,
+from bench_base import HERE, PY, BenchError, log
+from bench_db import drop_stale_databases
+from bench_machine import command_line, load_average, machine_facts
+from bench_proc import sync_timeout
+from bench_render import (
     SPREAD_NOTE,
-    BenchError,
-    Context,
-    Registry,
-    Results,
-    Run,
     Stat,
     Target,
     by_round,
-    command_line,
-    drop_stale_databases,
-    load_average,
-    log,
-    machine_facts,
     markdown_table,
     median,
     report_header,
     rows_cell,
-    run_scenarios,
     side_row,
     side_table,
-    sync_timeout,
     text_table,
 )
+from bench_scenarios import Registry, Results, Run, run_scenarios
+from harness import BARE, CONCURRENCY, DLT, OURS, Context
 
 LATENCY_MS = 50
 DLT_IMPORTS = ("dlt", "dlt.destinations", "dlt.sources.helpers.requests")
 
 # Sizes of the full run and of --quick (a smoke run: the targets' sizes are the full ones).
-FULL = {
-    "latency_ids": 4_000,
-    "steady_ids": 20_000,
-    "cpu_ids": 10_000,
-    "memory_ours": (10_000, 100_000),
-    "memory_dlt": (5_000, 20_000),
-    "loader_calls": 20_000,
-    "incremental_ids": 100_000,
-    "rate_ids": 20_000,
-    "scale_ids": 8_000,
-    "scale_rate_ids": 20_000,
-    "rerun_calls": 20_000,
+SIZES = {  # key: (full, --quick)
+    "latency_ids": (4_000, 1_000),
+    "steady_ids": (20_000, 3_000),
+    "cpu_ids": (10_000, 2_000),
+    "memory_ours": ((10_000, 100_000), (2_000, 10_000)),
+    "memory_dlt": ((5_000, 20_000), (1_000, 3_000)),
+    "loader_calls": (20_000, 4_000),
+    "incremental_ids": (100_000, 10_000),
+    "rate_ids": (20_000, 3_000),
+    "scale_ids": (8_000, 2_000),
+    "scale_rate_ids": (20_000, 3_000),
+    "rerun_calls": (20_000, 2_000),
 }
-QUICK = {
-    "latency_ids": 1_000,
-    "steady_ids": 3_000,
-    "cpu_ids": 2_000,
-    "memory_ours": (2_000, 10_000),
-    "memory_dlt": (1_000, 3_000),
-    "loader_calls": 4_000,
-    "incremental_ids": 10_000,
-    "rate_ids": 3_000,
-    "scale_ids": 2_000,
-    "scale_rate_ids": 3_000,
-    "rerun_calls": 2_000,
-}
+FULL = {key: full for key, (full, _) in SIZES.items()}
+QUICK = {key: quick for key, (_, quick) in SIZES.items()}
 DLT_WORKERS = "64,32,16"  # dlt's worker counts under the rate limit (--dlt-workers)
 QUICK_DLT_WORKERS = "32"
 
@@ -149,34 +127,55 @@ def _ratio_lines(ours: list[Run], dlt: list[Run]) -> list[str]:
                "4,000 ids: ours, dlt and a bare requests thread pool (reference, no database) "
                "against the 640 ids/s bound (start-up included)", requires=("dlt",))
 def latency(ctx: Bench) -> Results:
+    return _latency_bound(ctx, "latency", "Latency-bound", "lat", TARGET_LATENCY_SHARE,
+                          sides={OURS: ctx.sync, DLT: ctx.dlt, BARE: ctx.bare})
+
+
+@SCENARIOS.add("steady", f"simulator latency {LATENCY_MS} ms, concurrency {CONCURRENCY}, "
+               "20,000 ids: ours in a steady state (start-up a small part of the run) against "
+               "the 640 ids/s bound")
+def steady(ctx: Bench) -> Results:
+    return _latency_bound(ctx, "steady", "Steady state", "steady", TARGET_STEADY_SHARE,
+                          sides={OURS: ctx.sync}, over=True)
+
+
+_SIDE_WORDS = {OURS: "ours", DLT: "dlt", BARE: "bare"}
+
+
+def _latency_bound(ctx: Bench, scenario: str, title: str, prefix: str, target: float, *,
+                   sides: dict[str, Callable[..., Run]], over: bool = False) -> Results:
+    """`sides` (ours first) in turn over ctx.sizes[f"{scenario}_ids"] ids at latency
+    LATENCY_MS and concurrency CONCURRENCY, against the bound CONCURRENCY / latency; the
+    target: ours at least `target` of the bound end to end (`over`: the target's text names
+    its size)."""
     res = Results()
-    n = ctx.sizes["latency_ids"]
+    key = f"{scenario}_ids"
+    n = ctx.sizes[key]
     bound = CONCURRENCY * 1000 / LATENCY_MS
-    ids, expected = ctx.ids_file("lat", n)
-    log(f"latency-bound: latency {LATENCY_MS} ms, concurrency {CONCURRENCY}, {n} ids, "
+    ids, expected = ctx.ids_file(prefix, n)
+    log(f"{title.lower()}: latency {LATENCY_MS} ms, concurrency {CONCURRENCY}, {n} ids, "
         f"{ctx.rounds} round(s)")
     with ctx.simulator(latency_ms=LATENCY_MS) as url:
         for rnd in ctx.round_numbers():
-            res.record("latency ours", ctx.sync, "latency", rnd, url, ids, n, expected)
-            res.record("latency dlt", ctx.dlt, "latency", rnd, url, ids, n, expected)
-            res.record("latency bare", ctx.bare, "latency", rnd, url, ids, n, expected)
-    sides = {side: res.select("latency", side) for side in (OURS, DLT, BARE)}
-    lines = [side_table([side_row(runs, side, f"{n:,}", bound)
-                         for side, runs in sides.items()], bound), ""]
-    ours = sides[OURS]
-    lines += _pipeline_lines(ours, n, bound)
-    lines += _ratio_lines(ours, sides[DLT])
-    res.section(f"Latency-bound: simulator latency {LATENCY_MS} ms, concurrency {CONCURRENCY}, "
-                f"{n:,} ids (bound {bound:.0f} ids/s)", *lines)
+            for side, measure in sides.items():
+                res.record(f"{scenario} {_SIDE_WORDS[side]}", measure, scenario, rnd, url, ids,
+                           n, expected)
+    runs = {side: res.select(scenario, side) for side in sides}
+    ours = runs[OURS]
+    res.section(f"{title}: simulator latency {LATENCY_MS} ms, concurrency {CONCURRENCY}, "
+                f"{n:,} ids (bound {bound:.0f} ids/s)",
+                side_table([side_row(r, side, f"{n:,}", bound) for side, r in runs.items()],
+                           bound), "",
+                *_pipeline_lines(ours, n, bound), *_ratio_lines(ours, runs.get(DLT, [])))
     share = Stat.of(r.ids_per_s / bound for r in ours)
-    others = ", ".join(f"{side} {median(r.ids_per_s / bound for r in sides[side]):.1%}"
-                       for side in (DLT, BARE) if sides[side])
+    others = ", ".join(f"{side} {median(r.ids_per_s / bound for r in peer):.1%}"
+                       for side, peer in runs.items() if side != OURS and peer)
     res.targets.append(Target.of(
-        "latency", f"end-to-end >= {TARGET_LATENCY_SHARE:.0%} of {bound:.0f} ids/s "
-        f"({TARGET_LATENCY_SHARE * bound:.0f} ids/s)", share,
-        lambda v: v >= TARGET_LATENCY_SHARE,
+        scenario, f"end-to-end >= {target:.0%} of {bound:.0f} ids/s "
+        f"({target * bound:.0f} ids/s)" + (f" over {FULL[key]:,} ids" if over else ""), share,
+        lambda v: v >= target,
         f"{Stat.of(v * bound for v in share.values).fmt('.0f')} ids/s = {share.fmt('.1%')}"
-        + (f" (medians: {others})" if others else ""), ctx.quick_note("latency_ids")))
+        + (f" (medians: {others})" if others else ""), ctx.quick_note(key)))
     return res
 
 
@@ -189,34 +188,6 @@ def _pipeline_lines(runs: list[Run], n: int, bound: float) -> list[str]:
     return [f"{OURS} inside its pipeline (summary duration_s): {pipe.fmt('.1f')} ids/s = "
             f"{Stat.of(v / bound for v in pipe.values).fmt('.1%')} of the bound; start-up, "
             f"migration and exit took {startup.fmt('.2f')} s of the wall time"]
-
-
-@SCENARIOS.add("steady", f"simulator latency {LATENCY_MS} ms, concurrency {CONCURRENCY}, "
-               "20,000 ids: ours in a steady state (start-up a small part of the run) against "
-               "the 640 ids/s bound")
-def steady(ctx: Bench) -> Results:
-    res = Results()
-    n = ctx.sizes["steady_ids"]
-    bound = CONCURRENCY * 1000 / LATENCY_MS
-    ids, expected = ctx.ids_file("steady", n)
-    log(f"steady state: latency {LATENCY_MS} ms, concurrency {CONCURRENCY}, {n} ids, "
-        f"{ctx.rounds} round(s)")
-    with ctx.simulator(latency_ms=LATENCY_MS) as url:
-        for rnd in ctx.round_numbers():
-            res.record("steady ours", ctx.sync, "steady", rnd, url, ids, n, expected)
-    ours = res.select("steady", OURS)
-    res.section(f"Steady state: simulator latency {LATENCY_MS} ms, concurrency {CONCURRENCY}, "
-                f"{n:,} ids (bound {bound:.0f} ids/s)",
-                side_table([side_row(ours, OURS, f"{n:,}", bound)], bound), "",
-                *_pipeline_lines(ours, n, bound))
-    share = Stat.of(r.ids_per_s / bound for r in ours)
-    res.targets.append(Target.of(
-        "steady", f"end-to-end >= {TARGET_STEADY_SHARE:.0%} of {bound:.0f} ids/s "
-        f"({TARGET_STEADY_SHARE * bound:.0f} ids/s) over {FULL['steady_ids']:,} ids", share,
-        lambda v: v >= TARGET_STEADY_SHARE,
-        f"{Stat.of(v * bound for v in share.values).fmt('.0f')} ids/s = {share.fmt('.1%')}",
-        ctx.quick_note("steady_ids")))
-    return res
 
 
 @SCENARIOS.add("cpu", "simulator latency 0, 10,000 ids: client CPU (user+sys) per id, ours "
@@ -464,9 +435,10 @@ of about 5 minutes, `--only latency,steady,cpu,...` for some scenarios (`--help`
 `--rounds N`, `--results PATH` to write this file elsewhere, its pictures going to `img/`
 beside it). dlt and matplotlib are in the `bench`
 dependency group only, never in the package's own dependencies. The script is a list of
-scenarios over `benchmarks/harness.py`, which holds the databases, the processes, the
-measuring and the tables; the longer scenarios are in `rate_limited.py`, `scale_out.py` and
-`rerun_writes.py` beside it, the pictures in `plots.py` (matplotlib's Agg backend).
+scenarios over the harness (`benchmarks/harness.py` and the `bench_*.py` modules beside it),
+which holds the databases, the processes, the measuring and the tables; the longer scenarios
+are in `rate_limited.py`, `scale_out.py` and `rerun_writes.py` beside it, the pictures in
+`plots.py` (matplotlib's Agg backend).
 
 - **Sides.** Ours is the real command, `python -m etl sync --ids-file F --db-url URL
   --base-url URL --concurrency 32 --json`. The peer is `benchmarks/dlt_pipeline.py`: a

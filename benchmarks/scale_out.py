@@ -27,18 +27,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import plots
-from harness import (
-    CONCURRENCY,
-    CpuUse,
-    Results,
-    Run,
-    Stat,
-    Target,
-    log,
-    median,
-    rows_cell,
-    text_table,
-)
+from bench_base import log
+from bench_machine import CpuUse
+from bench_render import Stat, Target, median, rows_cell, text_table
+from bench_scenarios import Results, Run
+from harness import CONCURRENCY
 from rate_limited import (
     RATE_LIMIT,
     SETTLE_S,
