@@ -289,6 +289,23 @@ class Extractor:
         finally:
             self.close()
 
+    def drain(self) -> list[Outcome]:
+        """Stop fetching and return the outcomes fetched but not taken by `results` yet (the
+        requests in flight are cut off and give none): a stopped run still commits them."""
+        self.stop()
+        left: list[Outcome] = []
+        give_up = time.monotonic() + _JOIN_S
+        while time.monotonic() < give_up:
+            try:
+                item = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                if not any(w.is_alive() for w in self._workers):
+                    break
+                continue
+            if item is not _DONE:
+                left.append(item)
+        return left
+
     def close(self) -> None:
         """Stop the workers (cutting off requests in flight) and release the pool."""
         self.stop()

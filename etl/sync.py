@@ -341,7 +341,11 @@ def _pipeline(settings: Settings, engine: Engine, extractor: Extractor,
     try:
         for outcome in extractor.results(tick_s=_TICK_S):
             if stop.requested:
-                extractor.stop()
+                # What was fetched before the stop is committed: this outcome and those
+                # waiting in the queue (only the requests in flight are given up).
+                for fetched in [outcome, *extractor.drain()]:
+                    if fetched is not None:
+                        batch.extend(held.admit(fetched))
                 break
             if outcome is not None:
                 batch.extend(held.admit(outcome))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -20,10 +21,10 @@ from sqlalchemy.engine import URL
 
 from etl import db
 from etl.config import Secret
-from etl.errors import AuthError
+from etl.errors import AuthError, Interrupted
 from etl.schema import DATA_TABLES, calls, etl_call_status, etl_runs
 from etl.simulator import Simulator, payload_for
-from etl.sync import SyncSummary, run_sync
+from etl.sync import StopRequest, SyncSummary, run_sync
 from etl.transform import strip_nul
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -287,6 +288,49 @@ def test_summary_counts_equal_the_bookkeeping_tables(
     assert (summary.loaded, summary.failed, summary.not_found) == (
         servable + 2, 2, 60 - servable + 2)
     assert_summary_matches_bookkeeping(engine, summary)
+
+
+# -- stopping ----------------------------------------------------------------------------------
+
+
+def test_a_stop_commits_every_outcome_fetched_before_it(pg_url: URL, engine_for) -> None:
+    """The outcomes waiting for the loader when a stop comes are committed, not only those
+    already in a batch: the main thread is held in the first `advance` until every worker
+    has handed over its ordinary ids and hangs on a trickling one, then asks to stop."""
+    ordinary = ids(1, 41)
+    trickling = [f"trickle-{n}" for n in range(1, 5)]  # one per worker: each then hangs
+    stop = StopRequest()
+
+    class StopOnceAllWereFetched:
+        def start(self, total: int) -> None:
+            pass
+
+        def advance(self, n: int, summary: SyncSummary) -> None:
+            if stop.requested:
+                return
+            deadline = time.monotonic() + 30
+            while (sum(simulator.requests_for(i) > 0 for i in trickling) < len(trickling)
+                   and time.monotonic() < deadline):
+                time.sleep(0.02)
+            time.sleep(0.2)  # the last ordinary outcomes are put before a trickle is asked
+            stop.stop("stopped by the test")
+
+        def close(self) -> None:
+            pass
+
+    with Simulator(trickle_s=1) as simulator:
+        settings = make_settings(simulator, pg_url, concurrency=4, batch_size=1000,
+                                 timeout_s=60)
+        with pytest.raises(Interrupted) as caught:
+            run_sync(settings, [*ordinary, *trickling], progress=StopOnceAllWereFetched(),
+                     stop=stop)
+
+    summary = caught.value.summary
+    statuses = status_of(engine_for(pg_url))
+    assert all(simulator.requests_for(i) == 1 for i in ordinary)
+    assert sorted(statuses) == ordinary  # every fetched id committed, no trickling one
+    assert summary.loaded + summary.not_found == len(ordinary)
+    assert summary.status == "interrupted"
 
 
 # -- authentication ----------------------------------------------------------------------------
