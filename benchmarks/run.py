@@ -459,10 +459,10 @@ are in `rate_limited.py`, `scale_out.py` and `rerun_writes.py` beside it, the pi
   environment's and etl's bytecode is compiled (`compileall`) and the sync paths imported
   once, unmeasured: an installed tool has its `.pyc` files, and without them every child,
   ours and dlt's, would compile what it imports on each start (`uv run` does not compile,
-  and PYTHONDONTWRITEBYTECODE, set on CI machines, keeps runs from writing them). The simulator (`python
-  -m etl simulate`) is a separate process, one per scenario shared by every side, so its CPU
-  is not counted; the machine's 2 cores are shared by the client, the simulator and
-  PostgreSQL, as in the issue.
+  and PYTHONDONTWRITEBYTECODE, set on CI machines, keeps runs from writing them). The
+  simulator (`python -m etl simulate`) is a separate process, one per scenario shared by
+  every side, so its CPU is not counted; the machine's 2 cores are shared by the client,
+  the simulator and PostgreSQL, as in the issue.
 - **Databases.** Every run gets a fresh database (`CREATE DATABASE bench_run_...`, dropped
   afterwards) on the same local PostgreSQL. Rows landed are counted in `calls` (dlt:
   `commubo.calls`) and must equal the ids the simulator serves (about 3% of ids are 404).
