@@ -7,7 +7,7 @@ docs/reliability.md.
     uv run python benchmarks/reliability.py --seed 7 --kills 20 --only kills,concurrent
 
 The scenarios (`--only`, comma-separated) are the SCENARIOS registry below; `--help` lists
-them. Each is a function over the harness (benchmarks/harness.py).
+them. Each is a function over the harness (benchmarks/harness.py and bench_*.py).
 
 Every `etl sync` is a process of its own (`python -m etl sync --json`, measured through
 benchmarks/measure.py when it runs to its end), against the simulator (`etl.simulator`)
@@ -1010,11 +1010,11 @@ def _mark(n: int) -> str:
 METHOD = [
     "Every `etl sync` runs as a process of its own (`python -m etl sync --json`; one that "
     "runs to its end is started by the launcher `benchmarks/measure.py` and killed with its "
-    "process group after 10 minutes) against the simulator (`etl/simulator.py`, in the "
+    "process group after 10 minutes) against the simulator (`etl/simulator/`, in the "
     "script's process, on 127.0.0.1) and a database of its own on the local PostgreSQL, "
     "created for the scenario and dropped after it. Its environment is the script's, less "
     "every `ETL_*`, `COMMUBO_*` and `DLT_*` variable. The script is a list of scenarios over "
-    "`benchmarks/harness.py`.",
+    "the harness (`benchmarks/harness.py` and the `bench_*.py` modules beside it).",
     "",
     "What a scenario should leave is derived from what the simulator serves, not from "
     "another run: every servable call through `etl.transform`, the newest snapshot of every "
