@@ -15,7 +15,6 @@ back with what its answer said, so a worker waiting out a Retry-After holds no p
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import json
 import logging
@@ -291,28 +290,30 @@ class Extractor:
 
     def drain(self) -> list[Outcome]:
         """Stop fetching and return the outcomes fetched but not taken by `results` yet (the
-        requests in flight are cut off and give none): a stopped run still commits them."""
+        requests in flight are cut off and give none): a stopped run still commits them.
+        Taking them also unblocks workers waiting on a full queue, so they can end."""
         self.stop()
         left: list[Outcome] = []
         give_up = time.monotonic() + _JOIN_S
-        while time.monotonic() < give_up:
+        while True:
+            alive = any(w.is_alive() for w in self._workers)
+            if alive and time.monotonic() >= give_up:
+                break
             try:
-                item = self._queue.get(timeout=0.05)
+                # Once every worker has ended nothing more comes: take what is left, no wait.
+                item = self._queue.get(timeout=0.05) if alive else self._queue.get_nowait()
             except queue.Empty:
-                if not any(w.is_alive() for w in self._workers):
-                    break
-                continue
+                if alive:
+                    continue
+                break
             if item is not _DONE:
                 left.append(item)
         return left
 
     def close(self) -> None:
-        """Stop the workers (cutting off requests in flight) and release the pool."""
-        self.stop()
-        give_up = time.monotonic() + _JOIN_S
-        while any(w.is_alive() for w in self._workers) and time.monotonic() < give_up:
-            with contextlib.suppress(queue.Empty):  # unblock workers on a full queue
-                self._queue.get(timeout=0.05)
+        """Stop the workers (cutting off requests in flight) and release the pool; what is
+        still queued is dropped (`drain` first to keep it)."""
+        self.drain()
         self._watchdog.close()
         self._adapter.close()
         if not self._closed and self.adaptive is not None and self.adaptive.decreases:
